@@ -1,0 +1,144 @@
+//! The backplane between the loop and "everyone else on this channel".
+//!
+//! Standalone, it is an in-memory queue; with `--redis`, it is [`RedisLink`]. Both take
+//! the same inputs (interest changes from the hub, publishes from clients) and give the
+//! same outputs ([`BusEvent`]s), so the loop never knows which one it talks to, and a
+//! later backplane (Redis Streams with offsets, sharded Pub/Sub) slots in here.
+
+use crate::hub::Interest;
+use crate::redis_link::RedisLink;
+use crate::ws::Kind;
+use bytes::Bytes;
+use mio::{event::Event, Registry};
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// Something the backplane tells the loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BusEvent {
+    /// Deliver this message to the local members of `channel`.
+    Deliver {
+        channel: String,
+        kind: Kind,
+        payload: Bytes,
+    },
+    /// `channel` is now subscribed: held upgrades for it may complete.
+    Subscribed(String),
+}
+
+/// Outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Sent, or queued for sending.
+    Accepted,
+    /// Queued, but the outage buffer was full and its oldest message was dropped.
+    AcceptedDroppedOldest,
+}
+
+/// Counters the metrics page shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BusStats {
+    pub up: bool,
+    pub reconnects: u64,
+    pub buffered_messages: usize,
+    pub buffered_bytes: usize,
+    pub dropped: u64,
+    pub published: u64,
+}
+
+pub enum Bus {
+    Local(VecDeque<BusEvent>),
+    Redis(Box<RedisLink>),
+}
+
+impl Bus {
+    pub fn interest(&mut self, i: Interest) {
+        if let Bus::Redis(r) = self {
+            r.interest(i);
+        }
+    }
+
+    /// Whether a message published now on `channel` will reach this instance.
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        match self {
+            Bus::Local(_) => true,
+            Bus::Redis(r) => r.is_subscribed(channel),
+        }
+    }
+
+    pub fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
+        match self {
+            Bus::Local(q) => {
+                q.push_back(BusEvent::Deliver {
+                    channel: channel.to_string(),
+                    kind,
+                    payload,
+                });
+                Published::Accepted
+            }
+            Bus::Redis(r) => r.publish(channel, kind, payload),
+        }
+    }
+
+    /// Whether a publish now would have to drop a buffered message (publish API → 503).
+    pub fn is_full(&self, bytes: usize) -> bool {
+        match self {
+            Bus::Local(_) => false,
+            Bus::Redis(r) => r.is_full(bytes),
+        }
+    }
+
+    /// Moves pending events into `out`.
+    pub fn drain(&mut self, out: &mut Vec<BusEvent>) {
+        match self {
+            Bus::Local(q) => out.extend(q.drain(..)),
+            Bus::Redis(r) => r.drain(out),
+        }
+    }
+
+    /// `Ok` while messages flow; otherwise why not (for `/readyz`).
+    pub fn ready(&self) -> Result<(), &'static str> {
+        match self {
+            Bus::Local(_) => Ok(()),
+            Bus::Redis(r) => r.ready(),
+        }
+    }
+
+    pub fn on_event(&mut self, registry: &Registry, ev: &Event, now: Instant) {
+        if let Bus::Redis(r) = self {
+            r.on_event(registry, ev, now);
+        }
+    }
+
+    /// Timers (reconnect, PING deadlines) and writing what was queued this iteration.
+    pub fn tick(&mut self, registry: &Registry, now: Instant) {
+        if let Bus::Redis(r) = self {
+            r.tick(registry, now);
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self {
+            Bus::Local(_) => None,
+            Bus::Redis(r) => r.next_deadline(),
+        }
+    }
+
+    /// Unsent publishes (shutdown waits for them).
+    pub fn pending(&self) -> usize {
+        match self {
+            Bus::Local(q) => q.len(),
+            Bus::Redis(r) => r.stats().buffered_messages,
+        }
+    }
+
+    pub fn stats(&self) -> BusStats {
+        match self {
+            Bus::Local(_) => BusStats {
+                up: true,
+                ..Default::default()
+            },
+            Bus::Redis(r) => r.stats(),
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Configuration: every tunable limit lives here, with its default and why.
+//!
+//! Each flag `--name` can also be set by the environment variable `WSFAN_NAME`
+//! (upper case, `-` → `_`); a flag on the command line wins over the environment.
+//! Durations are seconds (`10`, `0.5`). An invalid value is a [`ConfigError`] that
+//! names the flag; `main` prints it and exits with status 2.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the server needs to know at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the HTTP/WebSocket listener. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// Channel joined by an upgrade on `/` or `/ws`. Default `chat_messages`
+    /// (the name the seed article's Node servers use, so both can share a Redis).
+    pub default_channel: String,
+    /// Serve static files from this folder instead of the copy compiled into the binary.
+    pub static_dir: Option<PathBuf>,
+    /// Open connections (HTTP and WebSocket) before new ones get HTTP 503. Default 10,000.
+    pub max_connections: usize,
+    /// Largest message a client may send, in bytes (after reassembly). Larger → close 1009.
+    /// Default 64 KiB.
+    pub max_message_size: usize,
+    /// Bytes that may wait in one connection's output queue. A client whose queue would
+    /// grow past this is a slow consumer and is disconnected. Default 1 MiB.
+    pub max_outbound_bytes: usize,
+    /// A connection that has not finished its HTTP request / upgrade by then is dropped;
+    /// also the idle limit of a plain HTTP keep-alive connection. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// How long a graceful shutdown may flush before the process exits. Default 5 s.
+    pub shutdown_timeout: Duration,
+    /// Keepalive: a Ping is sent this often and a client that stays silent until the next
+    /// one is dropped. Default 25 s (below common 30–60 s proxy idle timeouts).
+    pub ping_interval: Duration,
+    /// Sustained inbound messages per second allowed per connection. Default 1,000.
+    pub max_messages_per_sec: u32,
+    /// Token-bucket size: messages a connection may send in a burst. Default 2,000.
+    pub max_messages_burst: u32,
+    /// Log level filter (`error`, `warn`, `info`, `debug`, `trace`). Default `info`.
+    pub log_level: log::LevelFilter,
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `unix:///path[?db=N]`).
+    /// `None` runs standalone.
+    pub redis: Option<String>,
+    /// Prefix prepended to channel names to form Redis channel names. Default empty.
+    pub channel_prefix: String,
+    /// Messages kept for publishing while Redis is unreachable. Default 10,000.
+    pub redis_buffer_messages: usize,
+    /// Bytes kept for publishing while Redis is unreachable. Default 16 MiB.
+    pub redis_buffer_bytes: usize,
+    /// How often each Redis link is PINGed. Default 3 s.
+    pub redis_ping_interval: Duration,
+    /// A PING unanswered this long marks the Redis link dead. Default 5 s, so a silent
+    /// dead link is noticed within `redis_ping_interval + redis_timeout` (~8 s).
+    pub redis_timeout: Duration,
+    /// Longest wait between Redis reconnect attempts (exponential backoff with jitter,
+    /// starting at 100 ms). Default 5 s.
+    pub redis_backoff_max: Duration,
+    /// Browser origins allowed to upgrade. Empty (default): only an `Origin` whose host
+    /// equals the request's `Host`; `*`: any. Requests without `Origin` are allowed.
+    pub allowed_origins: Vec<String>,
+    /// HS256 secret; when set, upgrades need a valid JWT in `?token=`. Default off.
+    pub jwt_secret: Option<String>,
+    /// Bearer key of `POST /publish/<channel>`; the endpoint is off (404) without it.
+    pub api_key: Option<String>,
+    /// Set `SO_REUSEPORT` so several processes share the port. Default off.
+    pub reuse_port: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            default_channel: "chat_messages".to_string(),
+            static_dir: None,
+            max_connections: 10_000,
+            max_message_size: 64 * 1024,
+            max_outbound_bytes: 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(25),
+            max_messages_per_sec: 1000,
+            max_messages_burst: 2000,
+            log_level: log::LevelFilter::Info,
+            redis: None,
+            channel_prefix: String::new(),
+            redis_buffer_messages: 10_000,
+            redis_buffer_bytes: 16 * 1024 * 1024,
+            redis_ping_interval: Duration::from_secs(3),
+            redis_timeout: Duration::from_secs(5),
+            redis_backoff_max: Duration::from_secs(5),
+            allowed_origins: Vec::new(),
+            jwt_secret: None,
+            api_key: None,
+            reuse_port: false,
+        }
+    }
+}
+
+/// A flag or environment value that could not be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--help` was asked for: print [`usage`] and exit 0.
+    Help,
+    /// The named flag has a bad value or is unknown.
+    Invalid { flag: String, reason: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Help => write!(f, "help requested"),
+            ConfigError::Invalid { flag, reason } => write!(f, "invalid --{flag}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The flags, in `--help` order: (name, value hint, description with default).
+const FLAGS: &[(&str, &str, &str)] = &[
+    (
+        "listen",
+        "ADDR",
+        "address to listen on [default: 0.0.0.0:8080]",
+    ),
+    (
+        "default-channel",
+        "NAME",
+        "channel for upgrades on / and /ws [default: chat_messages]",
+    ),
+    (
+        "static-dir",
+        "DIR",
+        "serve static files from DIR [default: built-in copy of static/]",
+    ),
+    (
+        "max-connections",
+        "N",
+        "open connections before new ones get 503 [default: 10000]",
+    ),
+    (
+        "max-message-size",
+        "BYTES",
+        "largest client message; larger closes 1009 [default: 65536]",
+    ),
+    (
+        "max-outbound-bytes",
+        "BYTES",
+        "per-connection output queue cap (slow consumer) [default: 1048576]",
+    ),
+    (
+        "handshake-timeout",
+        "SECS",
+        "time to complete a request/upgrade [default: 10]",
+    ),
+    (
+        "shutdown-timeout",
+        "SECS",
+        "graceful shutdown flush limit [default: 5]",
+    ),
+    (
+        "ping-interval",
+        "SECS",
+        "keepalive ping interval; silent clients dropped [default: 25]",
+    ),
+    (
+        "max-messages-per-sec",
+        "N",
+        "sustained messages/s per connection; over closes 1008 [default: 1000]",
+    ),
+    (
+        "max-messages-burst",
+        "N",
+        "message burst per connection [default: 2000]",
+    ),
+    (
+        "log-level",
+        "LEVEL",
+        "error|warn|info|debug|trace [default: info; RUST_LOG also works]",
+    ),
+    (
+        "redis",
+        "URL",
+        "redis://[user:pass@]host:port[/db] or unix:///path [default: standalone]",
+    ),
+    (
+        "channel-prefix",
+        "STR",
+        "prefix of Redis channel names [default: empty]",
+    ),
+    (
+        "redis-buffer-messages",
+        "N",
+        "messages buffered while Redis is down [default: 10000]",
+    ),
+    (
+        "redis-buffer-bytes",
+        "BYTES",
+        "bytes buffered while Redis is down [default: 16777216]",
+    ),
+    (
+        "redis-ping-interval",
+        "SECS",
+        "PING period on each Redis link [default: 3]",
+    ),
+    (
+        "redis-timeout",
+        "SECS",
+        "unanswered PING marks the link dead [default: 5]",
+    ),
+    (
+        "redis-backoff-max",
+        "SECS",
+        "longest reconnect backoff [default: 5]",
+    ),
+    (
+        "allowed-origins",
+        "LIST",
+        "comma-separated browser origins, or * [default: same host only]",
+    ),
+    (
+        "jwt-secret",
+        "SECRET",
+        "require an HS256 JWT in ?token= for upgrades [default: off]",
+    ),
+    (
+        "api-key",
+        "KEY",
+        "enable POST /publish/<channel> with this Bearer key [default: off]",
+    ),
+    (
+        "reuse-port",
+        "",
+        "set SO_REUSEPORT: one process per core on one port [default: off]",
+    ),
+];
+
+/// The `--help` text.
+pub fn usage() -> String {
+    let mut s = String::from(
+        "wsfan: WebSocket fan-out server (standalone, or scaled out through Redis Pub/Sub)\n\n\
+         Usage: wsfan [OPTIONS]\n\nOptions (each also WSFAN_<NAME> in the environment):\n",
+    );
+    for (name, hint, help) in FLAGS {
+        s.push_str(&format!("  --{:<22} {}\n", format!("{name} {hint}"), help));
+    }
+    s.push_str("  --help                     print this help\n");
+    s
+}
+
+impl Config {
+    /// Builds a config from command-line arguments (without the program name) and an
+    /// environment lookup. Flags accept `--name value` and `--name=value`.
+    pub fn parse<I, E>(args: I, env: E) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = String>,
+        E: Fn(&str) -> Option<String>,
+    {
+        let mut values: Vec<(String, String)> = Vec::new();
+        for (name, _, _) in FLAGS {
+            let var = format!("WSFAN_{}", name.to_uppercase().replace('-', "_"));
+            if let Some(v) = env(&var) {
+                values.push((name.to_string(), v));
+            }
+        }
+        let mut level_from_flag = false;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if arg == "--help" || arg == "-h" {
+                return Err(ConfigError::Help);
+            }
+            let Some(body) = arg.strip_prefix("--") else {
+                return Err(invalid(&arg, "unexpected argument"));
+            };
+            let name = body.split_once('=').map_or(body, |(n, _)| n).to_string();
+            let Some((_, hint, _)) = FLAGS.iter().find(|(n, _, _)| *n == name) else {
+                return Err(invalid(&name, "unknown flag (see --help)"));
+            };
+            // Switches take no value unless given as --name=value.
+            if hint.is_empty() && !body.contains('=') {
+                values.push((name, "true".to_string()));
+                continue;
+            }
+            let value = match body.split_once('=') {
+                Some((_, v)) => v.to_string(),
+                None => args.next().ok_or_else(|| invalid(&name, "missing value"))?,
+            };
+            level_from_flag |= name == "log-level";
+            values.push((name, value));
+        }
+        let mut cfg = Config::default();
+        if !level_from_flag {
+            if let Some(level) = env("RUST_LOG") {
+                if let Ok(l) = level.parse() {
+                    cfg.log_level = l;
+                }
+            }
+        }
+        for (name, value) in values {
+            cfg.set(&name, value.trim())?;
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn set(&mut self, name: &str, v: &str) -> Result<(), ConfigError> {
+        match name {
+            "listen" => {
+                self.listen = v
+                    .parse()
+                    .map_err(|_| invalid(name, "expected an address like 0.0.0.0:8080"))?
+            }
+            "default-channel" => {
+                if !crate::hub::valid_channel_name(v) {
+                    return Err(invalid(name, "1-128 bytes of A-Za-z0-9_.:-"));
+                }
+                self.default_channel = v.to_string();
+            }
+            "static-dir" => {
+                let p = PathBuf::from(v);
+                if !p.is_dir() {
+                    return Err(invalid(name, "not a directory"));
+                }
+                self.static_dir = Some(p);
+            }
+            "max-connections" => self.max_connections = positive(name, v)?,
+            "max-message-size" => self.max_message_size = positive(name, v)?,
+            "max-outbound-bytes" => self.max_outbound_bytes = positive(name, v)?,
+            "handshake-timeout" => self.handshake_timeout = secs(name, v)?,
+            "shutdown-timeout" => self.shutdown_timeout = secs(name, v)?,
+            "ping-interval" => self.ping_interval = secs(name, v)?,
+            "max-messages-per-sec" => self.max_messages_per_sec = positive(name, v)?,
+            "max-messages-burst" => self.max_messages_burst = positive(name, v)?,
+            "log-level" => {
+                self.log_level = v
+                    .parse()
+                    .map_err(|_| invalid(name, "one of off|error|warn|info|debug|trace"))?
+            }
+            "redis" => {
+                crate::redis_link::Target::parse(v).map_err(|e| invalid(name, &e))?;
+                self.redis = Some(v.to_string());
+            }
+            "channel-prefix" => self.channel_prefix = v.to_string(),
+            "redis-buffer-messages" => self.redis_buffer_messages = positive(name, v)?,
+            "redis-buffer-bytes" => self.redis_buffer_bytes = positive(name, v)?,
+            "redis-ping-interval" => self.redis_ping_interval = secs(name, v)?,
+            "redis-timeout" => self.redis_timeout = secs(name, v)?,
+            "redis-backoff-max" => self.redis_backoff_max = secs(name, v)?,
+            "allowed-origins" => {
+                self.allowed_origins = v
+                    .split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            }
+            "jwt-secret" => self.jwt_secret = non_empty(name, v)?,
+            "api-key" => self.api_key = non_empty(name, v)?,
+            "reuse-port" => {
+                self.reuse_port = match v {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => return Err(invalid(name, "expected true or false")),
+                }
+            }
+            _ => return Err(invalid(name, "unknown flag (see --help)")),
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        // A close frame (≤ 127 bytes) must always fit in an empty queue.
+        if self.max_outbound_bytes < 256 {
+            return Err(invalid("max-outbound-bytes", "must be at least 256"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(flag: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        flag: flag.trim_start_matches('-').to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    name: &str,
+    v: &str,
+) -> Result<T, ConfigError> {
+    match v.parse::<T>() {
+        Ok(n) if n > T::default() => Ok(n),
+        _ => Err(invalid(
+            name,
+            &format!("expected a positive whole number, got {v:?}"),
+        )),
+    }
+}
+
+fn non_empty(name: &str, v: &str) -> Result<Option<String>, ConfigError> {
+    if v.is_empty() {
+        return Err(invalid(name, "must not be empty"));
+    }
+    Ok(Some(v.to_string()))
+}
+
+fn secs(name: &str, v: &str) -> Result<Duration, ConfigError> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(invalid(name, &format!("expected seconds > 0, got {v:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(args.iter().map(|s| s.to_string()), move |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse(&[], &[]).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.max_message_size, 65536);
+        let c = parse(
+            &["--listen", "127.0.0.1:0", "--handshake-timeout=0.5"],
+            &[
+                ("WSFAN_MAX_CONNECTIONS", "7"),
+                ("WSFAN_LISTEN", "1.2.3.4:5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.handshake_timeout, Duration::from_millis(500));
+        assert_eq!(c.max_connections, 7);
+        let c = parse(
+            &["--reuse-port", "--allowed-origins", "https://a, https://b/"],
+            &[],
+        )
+        .unwrap();
+        assert!(c.reuse_port);
+        assert_eq!(c.allowed_origins, ["https://a", "https://b"]);
+        let c = parse(&[], &[("WSFAN_REUSE_PORT", "1"), ("WSFAN_API_KEY", "k")]).unwrap();
+        assert!(c.reuse_port);
+        assert_eq!(c.api_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        for (args, flag) in [
+            (&["--max-connections", "0"][..], "max-connections"),
+            (&["--handshake-timeout", "-1"][..], "handshake-timeout"),
+            (&["--listen", "nope"][..], "listen"),
+            (&["--bogus", "1"][..], "bogus"),
+            (&["--default-channel", "a b"][..], "default-channel"),
+            (&["--redis", "http://x"][..], "redis"),
+            (&["--max-message-size"][..], "max-message-size"),
+        ] {
+            match parse(args, &[]) {
+                Err(ConfigError::Invalid { flag: f, .. }) => assert_eq!(f, flag),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        assert_eq!(parse(&["--help"], &[]).unwrap_err(), ConfigError::Help);
+    }
+}

@@ -1,0 +1,24 @@
+//! The `wsfan` binary: parse flags, set up logging, run.
+
+use wsfan::config::{usage, Config, ConfigError};
+
+fn main() {
+    let cfg = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(ConfigError::Help) => {
+            print!("{}", usage());
+            return;
+        }
+        Err(e) => {
+            eprintln!("wsfan: {e}");
+            std::process::exit(2);
+        }
+    };
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(cfg.log_level)
+        .init();
+    if let Err(e) = wsfan::run(cfg) {
+        log::error!("fatal: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,238 @@
+//! Counters kept as plain integers in the loop; rendered as Prometheus text only when
+//! `/metrics` is scraped.
+
+use crate::bus::BusStats;
+use crate::conn::Reason;
+use std::fmt::Write;
+use std::time::Duration;
+
+/// Why an HTTP request or upgrade was refused (`wsfan_handshake_rejections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    BadRequest,
+    BadChannel,
+    Origin,
+    Unauthorized,
+    Forbidden,
+    TooManyConnections,
+    RedisUnavailable,
+    Timeout,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 8] = [
+        Rejection::BadRequest,
+        Rejection::BadChannel,
+        Rejection::Origin,
+        Rejection::Unauthorized,
+        Rejection::Forbidden,
+        Rejection::TooManyConnections,
+        Rejection::RedisUnavailable,
+        Rejection::Timeout,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::BadRequest => "bad_request",
+            Rejection::BadChannel => "bad_channel",
+            Rejection::Origin => "origin",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::Forbidden => "forbidden",
+            Rejection::TooManyConnections => "too_many_connections",
+            Rejection::RedisUnavailable => "redis_unavailable",
+            Rejection::Timeout => "timeout",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the loop-iteration histogram buckets.
+const BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_total: u64,
+    pub rejections: [u64; Rejection::ALL.len()],
+    pub messages_received: u64,
+    pub messages_delivered: u64,
+    pub bytes_sent: u64,
+    pub write_calls: u64,
+    pub disconnects: [u64; Reason::ALL.len()],
+    loop_buckets: [u64; BUCKETS.len()],
+    loop_count: u64,
+    loop_sum: f64,
+}
+
+impl Metrics {
+    pub fn reject(&mut self, r: Rejection) {
+        self.rejections[r as usize] += 1;
+    }
+
+    pub fn disconnect(&mut self, r: Reason) {
+        self.disconnects[r as usize] += 1;
+    }
+
+    pub fn loop_iteration(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        self.loop_count += 1;
+        self.loop_sum += s;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.loop_buckets[i] += 1;
+            }
+        }
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
+        let mut s = String::with_capacity(4096);
+        let mut one = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
+        };
+        one(
+            "wsfan_connections",
+            "gauge",
+            "Open connections (HTTP and WebSocket).",
+            connections.to_string(),
+        );
+        one(
+            "wsfan_connections_total",
+            "counter",
+            "Connections accepted.",
+            self.connections_total.to_string(),
+        );
+        one(
+            "wsfan_messages_received_total",
+            "counter",
+            "Messages received from WebSocket clients and the publish API.",
+            self.messages_received.to_string(),
+        );
+        one(
+            "wsfan_messages_published_total",
+            "counter",
+            "Messages handed to the backplane (Redis PUBLISH, or local).",
+            bus.published.to_string(),
+        );
+        one(
+            "wsfan_messages_delivered_total",
+            "counter",
+            "Messages queued to WebSocket clients (one per recipient).",
+            self.messages_delivered.to_string(),
+        );
+        one(
+            "wsfan_bytes_sent_total",
+            "counter",
+            "Bytes written to client sockets.",
+            self.bytes_sent.to_string(),
+        );
+        one(
+            "wsfan_write_calls_total",
+            "counter",
+            "write/writev calls on client sockets.",
+            self.write_calls.to_string(),
+        );
+        one(
+            "wsfan_channels",
+            "gauge",
+            "Channels with local members.",
+            channels.to_string(),
+        );
+        one(
+            "wsfan_redis_up",
+            "gauge",
+            "1 while the Redis links are up and subscribed (1 standalone).",
+            u8::from(bus.up).to_string(),
+        );
+        one(
+            "wsfan_redis_reconnects_total",
+            "counter",
+            "Redis link reconnects.",
+            bus.reconnects.to_string(),
+        );
+        one(
+            "wsfan_redis_buffer_messages",
+            "gauge",
+            "Messages waiting to be published to Redis.",
+            bus.buffered_messages.to_string(),
+        );
+        one(
+            "wsfan_redis_buffer_bytes",
+            "gauge",
+            "Bytes waiting to be published to Redis.",
+            bus.buffered_bytes.to_string(),
+        );
+        one(
+            "wsfan_redis_buffer_dropped_total",
+            "counter",
+            "Messages dropped because the outage buffer was full.",
+            bus.dropped.to_string(),
+        );
+        let _ = write!(s, "# HELP wsfan_handshake_rejections_total Requests and upgrades refused, by reason.\n# TYPE wsfan_handshake_rejections_total counter\n");
+        for r in Rejection::ALL {
+            let _ = writeln!(
+                s,
+                "wsfan_handshake_rejections_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.rejections[r as usize]
+            );
+        }
+        let _ = write!(s, "# HELP wsfan_disconnects_total Connections ended, by reason.\n# TYPE wsfan_disconnects_total counter\n");
+        for r in Reason::ALL {
+            let _ = writeln!(
+                s,
+                "wsfan_disconnects_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.disconnects[r as usize]
+            );
+        }
+        let _ = write!(s, "# HELP wsfan_loop_iteration_seconds Time spent handling one poll wake-up.\n# TYPE wsfan_loop_iteration_seconds histogram\n");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "wsfan_loop_iteration_seconds_bucket{{le=\"{b}\"}} {}",
+                self.loop_buckets[i]
+            );
+        }
+        let _ = writeln!(
+            s,
+            "wsfan_loop_iteration_seconds_bucket{{le=\"+Inf\"}} {}",
+            self.loop_count
+        );
+        let _ = writeln!(s, "wsfan_loop_iteration_seconds_sum {}", self.loop_sum);
+        let _ = writeln!(s, "wsfan_loop_iteration_seconds_count {}", self.loop_count);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_with_help_and_type() {
+        let mut m = Metrics::default();
+        m.reject(Rejection::Origin);
+        m.disconnect(Reason::SlowConsumer);
+        m.loop_iteration(Duration::from_micros(300));
+        let text = m.render(3, 2, &BusStats::default());
+        assert!(text.contains("wsfan_connections 3\n"));
+        assert!(text.contains("wsfan_handshake_rejections_total{reason=\"origin\"} 1\n"));
+        assert!(text.contains("wsfan_disconnects_total{reason=\"slow_consumer\"} 1\n"));
+        assert!(text.contains("wsfan_loop_iteration_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("wsfan_loop_iteration_seconds_bucket{le=\"0.00025\"} 0\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {base} ")),
+                "{name} has no TYPE"
+            );
+        }
+    }
+}

@@ -1,0 +1,825 @@
+//! The Redis backplane, inside the same poll loop: two non-blocking sockets, no threads.
+//!
+//! * The **subscription link** holds SUBSCRIBE for every channel with local members
+//!   (interest-driven: first member → SUBSCRIBE, last leaves → UNSUBSCRIBE) and receives
+//!   every message, ours included — all deliveries come through Redis, so every client
+//!   on every instance sees one order per channel.
+//! * The **publish link** sends PUBLISH, pipelined: every message of an iteration goes
+//!   out in one write.
+//!
+//! Commands are encoded with the redis crate (`redis::cmd(..).get_packed_command()`);
+//! replies and pushes are parsed incrementally from the non-blocking socket with one
+//! long-lived `redis::Parser` per connection (it keeps its partial state across
+//! WouldBlock). Each link reconnects with capped exponential backoff and jitter and is
+//! PINGed with a deadline, so a silent dead link is noticed. While the publish side is
+//! down (or the subscription side is re-subscribing), publishes wait in a bounded
+//! buffer and go out in order afterwards; publishes whose replies never came are sent
+//! again (at-least-once across a reconnect).
+
+use crate::bus::{BusEvent, BusStats, Published};
+use crate::config::Config;
+use crate::hub::Interest;
+use crate::server::{REDIS_PUB, REDIS_SUB};
+use crate::{envelope, ws::Kind};
+use bytes::Bytes;
+use log::{debug, error, info, warn};
+use mio::event::{Event, Source};
+use mio::{Interest as Ready, Registry, Token};
+use redis::{IntoConnectionInfo, Value};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// First reconnect delay; doubles per failed attempt up to `redis_backoff_max`.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// PUBLISH bytes handed to the socket per iteration; the rest waits its turn.
+const PUBLISH_CHUNK: usize = 512 * 1024;
+/// Channels per SUBSCRIBE command when re-subscribing many at once.
+const SUBSCRIBE_BATCH: usize = 1000;
+
+/// Where Redis is and how to log in, from the `--redis` URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    addr: Addr,
+    username: Option<String>,
+    password: Option<String>,
+    db: i64,
+}
+
+#[derive(Debug, Clone)]
+enum Addr {
+    Tcp(String, u16),
+    Unix(PathBuf),
+}
+
+impl Target {
+    /// Parses `redis://[user:pass@]host[:port][/db]` or `unix:///path[?db=N&pass=..]`.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        if !(url.starts_with("redis://")
+            || url.starts_with("unix://")
+            || url.starts_with("redis+unix://"))
+        {
+            return Err("expected redis://host:port[/db] or unix:///path".to_string());
+        }
+        let info = url.into_connection_info().map_err(|e| e.to_string())?;
+        let addr = match info.addr() {
+            redis::ConnectionAddr::Tcp(h, p) => {
+                Addr::Tcp(h.trim_matches(['[', ']']).to_string(), *p)
+            }
+            redis::ConnectionAddr::Unix(p) => Addr::Unix(p.clone()),
+            _ => return Err("TLS (rediss://) is not supported".to_string()),
+        };
+        let r = info.redis_settings();
+        Ok(Target {
+            addr,
+            username: r.username().map(str::to_string),
+            password: r.password().map(str::to_string),
+            db: r.db(),
+        })
+    }
+
+    /// For logs: the password is never shown.
+    pub fn display(&self) -> String {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (None, Some(_)) => ":***@".to_string(),
+            (Some(u), None) => format!("{u}@"),
+            (None, None) => String::new(),
+        };
+        match &self.addr {
+            Addr::Tcp(h, p) => format!("redis://{auth}{h}:{p}/{}", self.db),
+            Addr::Unix(p) => format!("unix://{}?db={}", p.display(), self.db),
+        }
+    }
+
+    fn connect(&self) -> io::Result<Stream> {
+        match &self.addr {
+            Addr::Tcp(host, port) => {
+                // An IP literal needs no lookup; a name is resolved here (getaddrinfo,
+                // which may block briefly: use an IP or /etc/hosts on edge boxes).
+                let addr: SocketAddr = match host.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, *port),
+                    Err(_) => (host.as_str(), *port)
+                        .to_socket_addrs()?
+                        .next()
+                        .ok_or_else(|| io::Error::other("no address for host"))?,
+                };
+                let s = mio::net::TcpStream::connect(addr)?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Addr::Unix(p) => Ok(Stream::Unix(mio::net::UnixStream::connect(p)?)),
+        }
+    }
+}
+
+enum Stream {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(b),
+            Stream::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(b),
+            Stream::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
+        }
+    }
+    /// `Ok(true)` once a non-blocking connect has completed.
+    fn connected(&mut self) -> io::Result<bool> {
+        let (err, peer) = match self {
+            Stream::Tcp(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+            Stream::Unix(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+        };
+        if let Some(e) = err {
+            return Err(e);
+        }
+        match peer {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not connected; next attempt at `retry_at`.
+    Down,
+    /// Non-blocking connect in progress.
+    Connecting,
+    /// Connected (login commands may still be in flight; they are pipelined).
+    Up,
+}
+
+/// What a reply on the publish link answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Login,
+    Publish,
+    Ping,
+}
+
+/// One Redis connection's transport state.
+struct Link {
+    name: &'static str,
+    token: Token,
+    state: State,
+    stream: Option<Stream>,
+    parser: redis::Parser,
+    out: Vec<u8>,
+    out_pos: usize,
+    retry_at: Instant,
+    failures: u32,
+    deadline: Option<Instant>,
+    next_ping: Instant,
+    ping_sent: Option<Instant>,
+    ever_up: bool,
+}
+
+impl Link {
+    fn new(name: &'static str, token: Token, now: Instant) -> Link {
+        Link {
+            name,
+            token,
+            state: State::Down,
+            stream: None,
+            parser: redis::Parser::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            retry_at: now,
+            failures: 0,
+            deadline: None,
+            next_ping: now,
+            ping_sent: None,
+            ever_up: false,
+        }
+    }
+
+    fn send(&mut self, cmd: &redis::Cmd) {
+        cmd.write_packed_command(&mut self.out);
+    }
+
+    /// Writes queued bytes until done or WouldBlock.
+    fn write(&mut self) -> io::Result<()> {
+        let Some(s) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        if self.state != State::Up {
+            return Ok(());
+        }
+        while self.out_pos < self.out.len() {
+            match s.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        if self.out.capacity() > 4 * PUBLISH_CHUNK {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn pending_out(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    fn close(&mut self, registry: &Registry, now: Instant, max: Duration, jitter: f64) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = registry.deregister(s.source());
+        }
+        self.state = State::Down;
+        self.parser = redis::Parser::new();
+        self.out.clear();
+        self.out_pos = 0;
+        self.ping_sent = None;
+        self.deadline = None;
+        let exp = BACKOFF_START.saturating_mul(1u32 << self.failures.min(16));
+        let cap = exp.min(max);
+        // "Equal jitter": between half the cap and the cap.
+        self.retry_at = now + cap.mul_f64(0.5 + 0.5 * jitter);
+        self.failures = self.failures.saturating_add(1);
+    }
+}
+
+/// Per-channel subscription bookkeeping.
+#[derive(Debug, Default)]
+struct Sub {
+    /// Local members want it.
+    wanted: bool,
+    /// SUBSCRIBE/UNSUBSCRIBE sent and not yet acknowledged.
+    pending: u32,
+    /// Redis confirmed the subscription and nothing newer is in flight.
+    confirmed: bool,
+}
+
+pub struct RedisLink {
+    target: Target,
+    prefix: String,
+    max_msgs: usize,
+    max_bytes: usize,
+    ping_interval: Duration,
+    timeout: Duration,
+    backoff_max: Duration,
+    sub: Link,
+    publ: Link,
+    subs: HashMap<Box<str>, Sub>,
+    /// Publishes not yet written to Redis: (Redis channel, payload).
+    outbox: VecDeque<(Box<str>, Bytes)>,
+    /// Written, reply not yet received (re-sent if the link drops).
+    inflight: VecDeque<(Box<str>, Bytes)>,
+    expect: VecDeque<Expect>,
+    buffered_bytes: usize,
+    events: Vec<BusEvent>,
+    rng: u64,
+    reconnects: u64,
+    dropped: u64,
+    published: u64,
+    last_drop_log: Option<Instant>,
+}
+
+impl RedisLink {
+    pub fn new(url: &str, cfg: &Config) -> Result<RedisLink, String> {
+        let target = Target::parse(url)?;
+        let now = Instant::now();
+        Ok(RedisLink {
+            target,
+            prefix: cfg.channel_prefix.clone(),
+            max_msgs: cfg.redis_buffer_messages,
+            max_bytes: cfg.redis_buffer_bytes,
+            ping_interval: cfg.redis_ping_interval,
+            timeout: cfg.redis_timeout,
+            backoff_max: cfg.redis_backoff_max,
+            sub: Link::new("subscribe", REDIS_SUB, now),
+            publ: Link::new("publish", REDIS_PUB, now),
+            subs: HashMap::new(),
+            outbox: VecDeque::new(),
+            inflight: VecDeque::new(),
+            expect: VecDeque::new(),
+            buffered_bytes: 0,
+            events: Vec::new(),
+            rng: (std::process::id() as u64) << 32 | now.elapsed().subsec_nanos() as u64 | 1,
+            reconnects: 0,
+            dropped: 0,
+            published: 0,
+            last_drop_log: None,
+        })
+    }
+
+    pub fn target_display(&self) -> String {
+        self.target.display()
+    }
+
+    fn jitter(&mut self) -> f64 {
+        // xorshift64: jitter only needs to differ between processes and attempts.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn redis_name(&self, channel: &str) -> String {
+        format!("{}{}", self.prefix, channel)
+    }
+
+    // ---- inputs from the loop -----------------------------------------------------
+
+    pub fn interest(&mut self, i: Interest) {
+        let up = self.sub.state == State::Up;
+        match i {
+            Interest::Subscribe(ch) => {
+                let name = self.redis_name(&ch);
+                let s = self.subs.entry(ch).or_default();
+                s.wanted = true;
+                if up {
+                    s.pending += 1;
+                    self.sub.send(redis::cmd("SUBSCRIBE").arg(name));
+                }
+            }
+            Interest::Unsubscribe(ch) => {
+                let name = self.redis_name(&ch);
+                let Some(s) = self.subs.get_mut(&ch) else {
+                    return;
+                };
+                s.wanted = false;
+                s.confirmed = false;
+                if up {
+                    s.pending += 1;
+                    self.sub.send(redis::cmd("UNSUBSCRIBE").arg(name));
+                } else if s.pending == 0 {
+                    self.subs.remove(&ch);
+                }
+            }
+        }
+    }
+
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.sub.state == State::Up && self.subs.get(channel).is_some_and(|s| s.confirmed)
+    }
+
+    /// Every wanted channel is confirmed on a live subscription link.
+    fn all_subscribed(&self) -> bool {
+        self.sub.state == State::Up && self.subs.values().all(|s| !s.wanted || s.confirmed)
+    }
+
+    pub fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
+        let body = envelope::encode(kind, &payload);
+        let mut result = Published::Accepted;
+        while self.over_limit(body.len()) {
+            let Some((_, old)) = self.outbox.pop_front() else {
+                break;
+            };
+            self.buffered_bytes -= old.len();
+            self.count_drop();
+            result = Published::AcceptedDroppedOldest;
+        }
+        if self.over_limit(body.len()) {
+            // Everything buffered is already in flight: this one cannot be kept.
+            self.count_drop();
+            return Published::AcceptedDroppedOldest;
+        }
+        self.buffered_bytes += body.len();
+        self.outbox
+            .push_back((self.redis_name(channel).into(), body));
+        result
+    }
+
+    fn over_limit(&self, extra: usize) -> bool {
+        self.outbox.len() + self.inflight.len() + 1 > self.max_msgs
+            || self.buffered_bytes + extra > self.max_bytes
+    }
+
+    pub fn is_full(&self, extra: usize) -> bool {
+        self.over_limit(extra) && !(self.publ.state == State::Up && self.all_subscribed())
+    }
+
+    fn count_drop(&mut self) {
+        self.dropped += 1;
+        let now = Instant::now();
+        if self
+            .last_drop_log
+            .is_none_or(|t| now - t > Duration::from_secs(5))
+        {
+            self.last_drop_log = Some(now);
+            warn!(
+                "redis outage buffer full: dropping oldest messages ({} dropped so far)",
+                self.dropped
+            );
+        }
+    }
+
+    pub fn drain(&mut self, out: &mut Vec<BusEvent>) {
+        out.append(&mut self.events);
+    }
+
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.sub.state != State::Up {
+            return Err("redis subscription link down");
+        }
+        if self.publ.state != State::Up {
+            return Err("redis publish link down");
+        }
+        if !self.all_subscribed() {
+            return Err("redis subscribing");
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> BusStats {
+        BusStats {
+            up: self.ready().is_ok(),
+            reconnects: self.reconnects,
+            buffered_messages: self.outbox.len() + self.inflight.len(),
+            buffered_bytes: self.buffered_bytes,
+            dropped: self.dropped,
+            published: self.published,
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [&self.sub, &self.publ]
+            .iter()
+            .filter_map(|l| match l.state {
+                State::Down => Some(l.retry_at),
+                State::Connecting => l.deadline,
+                State::Up => Some(l.ping_sent.map_or(l.next_ping, |t| t + self.timeout)),
+            })
+            .min()
+    }
+
+    // ---- I/O ------------------------------------------------------------------------
+
+    pub fn on_event(&mut self, registry: &Registry, ev: &Event, now: Instant) {
+        let is_sub = ev.token() == REDIS_SUB;
+        let link = if is_sub {
+            &mut self.sub
+        } else {
+            &mut self.publ
+        };
+        if link.state == State::Connecting {
+            match link.stream.as_mut().map(Stream::connected) {
+                Some(Ok(true)) => self.on_connected(is_sub, now),
+                Some(Ok(false)) => return,
+                Some(Err(e)) => return self.fail(registry, is_sub, &format!("connect: {e}"), now),
+                None => return,
+            }
+        }
+        let link = if is_sub {
+            &mut self.sub
+        } else {
+            &mut self.publ
+        };
+        if link.state != State::Up {
+            return;
+        }
+        if ev.is_writable() {
+            if let Err(e) = link.write() {
+                return self.fail(registry, is_sub, &format!("write: {e}"), now);
+            }
+        }
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            if let Err(why) = self.read(is_sub) {
+                self.fail(registry, is_sub, &why, now);
+            }
+        }
+    }
+
+    /// Parses every complete reply available, until the socket would block.
+    fn read(&mut self, is_sub: bool) -> Result<(), String> {
+        loop {
+            let link = if is_sub {
+                &mut self.sub
+            } else {
+                &mut self.publ
+            };
+            let Some(stream) = link.stream.as_mut() else {
+                return Ok(());
+            };
+            match link.parser.parse_value(stream) {
+                Ok(v) => {
+                    if is_sub {
+                        self.on_sub_value(v)?;
+                    } else {
+                        self.on_pub_value(v)?;
+                    }
+                }
+                Err(e) if e.is_timeout() => return Ok(()),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    fn on_sub_value(&mut self, v: Value) -> Result<(), String> {
+        let Value::Array(items) = v else {
+            return match v {
+                Value::ServerError(e) => Err(format!("server error: {e:?}")),
+                Value::Okay | Value::SimpleString(_) => Ok(()), // AUTH reply, bare PONG
+                other => Err(format!("unexpected reply {other:?}")),
+            };
+        };
+        let mut it = items.into_iter();
+        let kind = match it.next() {
+            Some(Value::BulkString(k)) => k,
+            other => return Err(format!("unexpected push {other:?}")),
+        };
+        match &kind[..] {
+            b"message" => {
+                let (Some(Value::BulkString(ch)), Some(Value::BulkString(payload))) =
+                    (it.next(), it.next())
+                else {
+                    return Err("malformed message push".to_string());
+                };
+                let Some(name) = ch.strip_prefix(self.prefix.as_bytes()) else {
+                    return Ok(());
+                };
+                let Ok(name) = std::str::from_utf8(name) else {
+                    return Ok(());
+                };
+                let (kind, payload) = envelope::decode(Bytes::from(payload));
+                self.events.push(BusEvent::Deliver {
+                    channel: name.to_string(),
+                    kind,
+                    payload,
+                });
+            }
+            b"subscribe" | b"unsubscribe" => {
+                if let Some(Value::BulkString(ch)) = it.next() {
+                    self.on_sub_ack(&ch);
+                }
+            }
+            b"pong" => self.sub.ping_sent = None,
+            _ => debug!(
+                "redis subscribe link: ignoring push {:?}",
+                String::from_utf8_lossy(&kind)
+            ),
+        }
+        Ok(())
+    }
+
+    fn on_sub_ack(&mut self, redis_name: &[u8]) {
+        let Some(name) = redis_name
+            .strip_prefix(self.prefix.as_bytes())
+            .and_then(|n| std::str::from_utf8(n).ok())
+        else {
+            return;
+        };
+        let Some(s) = self.subs.get_mut(name) else {
+            return;
+        };
+        s.pending = s.pending.saturating_sub(1);
+        if s.pending > 0 {
+            return;
+        }
+        if !s.wanted {
+            self.subs.remove(name);
+        } else if !s.confirmed {
+            s.confirmed = true;
+            debug!("redis: subscribed channel={name}");
+            self.events.push(BusEvent::Subscribed(name.to_string()));
+        }
+    }
+
+    fn on_pub_value(&mut self, v: Value) -> Result<(), String> {
+        match self.expect.pop_front() {
+            Some(Expect::Publish) => {
+                if let Some((_, body)) = self.inflight.pop_front() {
+                    self.buffered_bytes -= body.len();
+                }
+                match v {
+                    Value::ServerError(e) => warn!("redis PUBLISH failed: {e:?}"),
+                    _ => self.published += 1,
+                }
+            }
+            Some(Expect::Ping) => self.publ.ping_sent = None,
+            Some(Expect::Login) => {
+                if let Value::ServerError(e) = v {
+                    return Err(format!("login refused: {e:?}"));
+                }
+            }
+            None => return Err(format!("unexpected reply {v:?}")),
+        }
+        Ok(())
+    }
+
+    fn on_connected(&mut self, is_sub: bool, now: Instant) {
+        let mut login = Vec::new();
+        if let Some(pass) = &self.target.password {
+            let mut c = redis::cmd("AUTH");
+            if let Some(u) = &self.target.username {
+                c.arg(u);
+            }
+            login.push(c.arg(pass).clone());
+        }
+        if !is_sub && self.target.db != 0 {
+            login.push(redis::cmd("SELECT").arg(self.target.db).clone());
+        }
+        let link = if is_sub {
+            &mut self.sub
+        } else {
+            &mut self.publ
+        };
+        link.state = State::Up;
+        link.deadline = None;
+        link.failures = 0;
+        link.next_ping = now + self.ping_interval;
+        if link.ever_up {
+            self.reconnects += 1;
+        }
+        link.ever_up = true;
+        info!(
+            "redis {} link connected to {}",
+            link.name,
+            self.target.display()
+        );
+        for c in &login {
+            link.send(c);
+        }
+        if is_sub {
+            // Re-subscribe everything with local interest, in batches.
+            self.subs.retain(|_, s| s.wanted);
+            let names: Vec<Box<str>> = self.subs.keys().cloned().collect();
+            for chunk in names.chunks(SUBSCRIBE_BATCH) {
+                let mut c = redis::cmd("SUBSCRIBE");
+                for n in chunk {
+                    c.arg(self.redis_name(n));
+                    if let Some(s) = self.subs.get_mut(n) {
+                        s.pending = 1;
+                        s.confirmed = false;
+                    }
+                }
+                self.sub.send(&c);
+            }
+        } else {
+            self.expect.extend(login.iter().map(|_| Expect::Login));
+        }
+    }
+
+    fn fail(&mut self, registry: &Registry, is_sub: bool, why: &str, now: Instant) {
+        let jitter = self.jitter();
+        let link = if is_sub {
+            &mut self.sub
+        } else {
+            &mut self.publ
+        };
+        let was_up = link.state == State::Up;
+        link.close(registry, now, self.backoff_max, jitter);
+        let retry = link.retry_at.saturating_duration_since(now);
+        if was_up {
+            error!(
+                "redis {} link lost ({why}); reconnecting in {retry:?}",
+                link.name
+            );
+        } else {
+            warn!(
+                "redis {} link to {} failed ({why}); retrying in {retry:?}",
+                link.name,
+                self.target.display()
+            );
+        }
+        if is_sub {
+            self.subs.retain(|_, s| s.wanted);
+            for s in self.subs.values_mut() {
+                s.pending = 0;
+                s.confirmed = false;
+            }
+        } else {
+            // Unanswered publishes go back to the front, in order.
+            while let Some(m) = self.inflight.pop_back() {
+                self.outbox.push_front(m);
+            }
+            self.expect.clear();
+        }
+    }
+
+    /// Reconnects, PINGs, moves buffered publishes to the socket, and writes.
+    pub fn tick(&mut self, registry: &Registry, now: Instant) {
+        for is_sub in [true, false] {
+            self.tick_link(registry, is_sub, now);
+        }
+        if self.publ.state == State::Up && self.all_subscribed() {
+            // Re-subscribed first, so our own clients miss nothing we flush.
+            while self.publ.pending_out() < PUBLISH_CHUNK && self.inflight.len() < self.max_msgs {
+                let Some((ch, body)) = self.outbox.pop_front() else {
+                    break;
+                };
+                self.publ
+                    .send(redis::cmd("PUBLISH").arg(&*ch).arg(&body[..]));
+                self.expect.push_back(Expect::Publish);
+                self.inflight.push_back((ch, body));
+            }
+        }
+        for is_sub in [true, false] {
+            let link = if is_sub {
+                &mut self.sub
+            } else {
+                &mut self.publ
+            };
+            if let Err(e) = link.write() {
+                self.fail(registry, is_sub, &format!("write: {e}"), now);
+            }
+        }
+    }
+
+    fn tick_link(&mut self, registry: &Registry, is_sub: bool, now: Instant) {
+        let link = if is_sub {
+            &mut self.sub
+        } else {
+            &mut self.publ
+        };
+        match link.state {
+            State::Down if now >= link.retry_at => self.start_connect(registry, is_sub, now),
+            State::Connecting if link.deadline.is_some_and(|d| now >= d) => {
+                self.fail(registry, is_sub, "connect timed out", now)
+            }
+            State::Up => {
+                if link.ping_sent.is_some_and(|t| now >= t + self.timeout) {
+                    return self.fail(registry, is_sub, "PING unanswered", now);
+                }
+                if link.ping_sent.is_none() && now >= link.next_ping {
+                    link.ping_sent = Some(now);
+                    link.next_ping = now + self.ping_interval;
+                    link.send(&redis::cmd("PING"));
+                    if !is_sub {
+                        self.expect.push_back(Expect::Ping);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn start_connect(&mut self, registry: &Registry, is_sub: bool, now: Instant) {
+        let result = self.target.connect().and_then(|mut s| {
+            let link = if is_sub { &self.sub } else { &self.publ };
+            registry.register(s.source(), link.token, Ready::READABLE | Ready::WRITABLE)?;
+            Ok(s)
+        });
+        match result {
+            Ok(s) => {
+                let link = if is_sub {
+                    &mut self.sub
+                } else {
+                    &mut self.publ
+                };
+                link.stream = Some(s);
+                link.state = State::Connecting;
+                link.deadline = Some(now + self.timeout);
+                debug!("redis {} link connecting", link.name);
+            }
+            Err(e) => self.fail(registry, is_sub, &format!("connect: {e}"), now),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_passwords_are_redacted() {
+        let t = Target::parse("redis://user:secret@10.0.0.1:6380/2").unwrap();
+        assert_eq!(t.display(), "redis://user:***@10.0.0.1:6380/2");
+        assert!(!t.display().contains("secret"));
+        let t = Target::parse("redis://localhost").unwrap();
+        assert_eq!(t.display(), "redis://localhost:6379/0");
+        let t = Target::parse("unix:///run/redis.sock?db=3").unwrap();
+        assert_eq!(t.display(), "unix:///run/redis.sock?db=3");
+        for bad in [
+            "http://x",
+            "redis//x",
+            "",
+            "rediss://x:1",
+            "redis://:99999999",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Starts a private redis-server and two wsfan instances, then drives two Chromium chat
+# pages against them (chat.test.mjs). Needs chromium (Debian package) and Node.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+if ! command -v node >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "browser: SKIPPED - needs node and chromium"; exit 0
+fi
+[ -d "$here/node_modules/playwright-core" ] || (cd "$here" && npm install --no-audit --no-fund --silent)
+
+freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rport=$(freeport); pa=$(freeport); pb=$(freeport)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
+pids+=($!)
+bin="$root/target/release/wsfan"
+[ -x "$bin" ] || (cd "$root" && cargo build --release --bin wsfan)
+"$bin" --listen "127.0.0.1:$pa" --redis "redis://127.0.0.1:$rport" --log-level warn & pids+=($!)
+"$bin" --listen "127.0.0.1:$pb" --redis "redis://127.0.0.1:$rport" --log-level warn & pids+=($!)
+for port in $pa $pb; do
+  for i in $(seq 200); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz")" = 200 ]; then break; fi
+    [ "$i" = 200 ] && { echo "browser: instance on $port never became ready"; exit 1; }
+    sleep 0.05
+  done
+done
+node "$here/chat.test.mjs" "http://127.0.0.1:$pa/?channel=browser" "http://127.0.0.1:$pb/?channel=browser"

@@ -1,0 +1,394 @@
+//! Standalone server: broadcast, channels, HTTP, bad input, limits, timeouts, shutdown.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+#[test]
+fn two_clients_get_every_message_in_order_with_kinds() {
+    let s = Wsfan::start(&[]);
+    let mut a = connect(&s.url("/"));
+    let mut b = connect(&s.url("/ws"));
+    send_text(&mut a, "hello");
+    a.send(Message::binary(vec![0u8, 1, 2, 255])).unwrap();
+    a.send(Message::binary(Vec::new())).unwrap();
+    b.send(Message::text("from b")).unwrap();
+    for ws in [&mut a, &mut b] {
+        assert_eq!(recv(ws), Message::text("hello"));
+        assert_eq!(recv(ws), Message::binary(vec![0u8, 1, 2, 255]));
+        assert_eq!(recv(ws), Message::binary(Vec::new()));
+        assert_eq!(recv(ws), Message::text("from b"));
+    }
+}
+
+#[test]
+fn many_clients_see_one_order() {
+    let s = Wsfan::start(&[]);
+    let n = 20;
+    let per = 25;
+    let mut clients: Vec<Ws> = (0..n).map(|_| connect(&s.url("/ws/room"))).collect();
+    for round in 0..per {
+        for (i, c) in clients.iter_mut().enumerate() {
+            send_text(c, &format!("{i}:{round}"));
+        }
+    }
+    let mut first: Option<Vec<String>> = None;
+    for c in clients.iter_mut() {
+        let got: Vec<String> = (0..n * per).map(|_| recv_text(c)).collect();
+        // Each sender's own messages keep their order.
+        for i in 0..n {
+            let mine: Vec<&String> = got
+                .iter()
+                .filter(|m| m.starts_with(&format!("{i}:")))
+                .collect();
+            assert_eq!(mine.len(), per);
+            for (r, m) in mine.iter().enumerate() {
+                assert_eq!(**m, format!("{i}:{r}"));
+            }
+        }
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert_eq!(f, &got, "every client sees the same order"),
+        }
+    }
+}
+
+#[test]
+fn channels_are_isolated() {
+    let s = Wsfan::start(&["--default-channel", "lobby"]);
+    let mut red = connect(&s.url("/ws/red"));
+    let mut blue = connect(&s.url("/ws/blue"));
+    let mut lobby = connect(&s.url("/"));
+    let mut lobby2 = connect(&s.url("/ws/lobby"));
+    send_text(&mut red, "r");
+    send_text(&mut blue, "b");
+    send_text(&mut lobby, "l");
+    assert_eq!(recv_text(&mut red), "r");
+    assert_eq!(recv_text(&mut blue), "b");
+    assert_eq!(recv_text(&mut lobby), "l");
+    assert_eq!(
+        recv_text(&mut lobby2),
+        "l",
+        "/ and /ws/<default> are one channel"
+    );
+    // Nothing else arrived: a marker sent now is the next thing each one reads.
+    send_text(&mut red, "r2");
+    assert_eq!(recv_text(&mut red), "r2");
+    send_text(&mut blue, "b2");
+    assert_eq!(recv_text(&mut blue), "b2");
+}
+
+#[test]
+fn http_pages_and_statuses() {
+    let s = Wsfan::start(&[]);
+    let (st, head, body) = http(
+        s.addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 200);
+    assert!(head.to_lowercase().contains("content-type: text/html"));
+    assert!(String::from_utf8(body)
+        .unwrap()
+        .contains("<script src=\"/app.js\">"));
+    assert_eq!(s.status("/app.js"), 200);
+    assert_eq!(s.status("/style.css"), 200);
+    assert_eq!(s.status("/nope"), 404);
+    assert_eq!(s.status("/../Cargo.toml"), 404);
+    assert_eq!(s.status("/healthz"), 200);
+    assert_eq!(s.status("/readyz"), 200);
+    assert_eq!(http(s.addr, "DELETE / HTTP/1.1\r\nHost: x\r\n\r\n").0, 405);
+    assert_eq!(
+        http(
+            s.addr,
+            "POST /publish/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        .0,
+        404,
+        "publish API off without --api-key"
+    );
+    assert_eq!(http(s.addr, "GARBAGE\r\n\r\n").0, 400);
+    assert_eq!(http(s.addr, "GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").0, 426);
+    let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(17 * 1024));
+    assert_eq!(http(s.addr, &big).0, 431);
+    let mut many = String::from("GET / HTTP/1.1\r\n");
+    for i in 0..101 {
+        many.push_str(&format!("X-{i}: y\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(http(s.addr, &many).0, 431);
+    // HEAD: same headers, no body.
+    let (st, head, _) = http(
+        s.addr,
+        "HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 200);
+    assert!(head.contains("Content-Length: "));
+}
+
+#[test]
+fn keep_alive_serves_several_requests_and_close_closes() {
+    let s = Wsfan::start(&[]);
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Two pipelined requests, then a third after the answers.
+    c.write_all(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut c, false).0, 200);
+    assert_eq!(read_response(&mut c, false).0, 404);
+    // A 4xx closes the connection.
+    let mut rest = Vec::new();
+    assert_eq!(c.read_to_end(&mut rest).unwrap(), 0);
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut c, false).0, 200);
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (st, head, _) = read_response(&mut c, false);
+    assert_eq!(st, 200);
+    assert!(head.contains("Connection: close"));
+    assert_eq!(
+        c.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after Connection: close"
+    );
+}
+
+#[test]
+fn static_dir_serves_a_folder() {
+    let dir = std::env::temp_dir().join(format!("wsfan-it-static-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), "<p>custom</p>").unwrap();
+    std::fs::write(dir.join("data.json"), "{}").unwrap();
+    let s = Wsfan::start(&["--static-dir", dir.to_str().unwrap()]);
+    let (st, _, body) = http(
+        s.addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((st, body), (200, b"<p>custom</p>".to_vec()));
+    let (st, head, _) = http(
+        s.addr,
+        "GET /data.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 200);
+    assert!(head.contains("application/json"));
+    assert_eq!(
+        s.status("/app.js"),
+        404,
+        "the folder replaces the built-in files"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_channel_and_bad_handshakes_are_refused() {
+    let s = Wsfan::start(&[]);
+    let mut ok = connect(&s.url("/ws/fine"));
+    assert_eq!(upgrade_status(&s.url("/ws/"), &[]), Some(400));
+    assert_eq!(upgrade_status(&s.url("/ws/bad%20name"), &[]), Some(400));
+    assert_eq!(
+        upgrade_status(&s.url(&format!("/ws/{}", "x".repeat(129))), &[]),
+        Some(400)
+    );
+    assert_eq!(upgrade_status(&s.url("/elsewhere"), &[]), Some(404));
+    // Upgrade header but no key: tungstenite's handshake check refuses it.
+    let (st, _, _) = http(
+        s.addr,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    assert_eq!(st, 400);
+    send_text(&mut ok, "still here");
+    assert_eq!(recv_text(&mut ok), "still here");
+}
+
+#[test]
+fn oversized_message_closes_1009_and_invalid_utf8_closes_1007() {
+    let s = Wsfan::start(&["--max-message-size", "1000"]);
+    let mut other = connect(&s.url("/"));
+    let mut big = connect(&s.url("/"));
+    big.send(Message::binary(vec![1u8; 1001])).unwrap();
+    assert_eq!(expect_close(&mut big), 1009);
+    // Invalid UTF-8 in a text frame: written by hand (clients refuse to send it).
+    let mut raw = TcpStream::connect(s.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = raw.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    raw.write_all(&[0x81, 0x82, 0, 0, 0, 0, 0xff, 0xfe])
+        .unwrap();
+    let mut resp = Vec::new();
+    raw.read_to_end(&mut resp).unwrap();
+    let close = resp
+        .windows(2)
+        .position(|w| w[0] == 0x88)
+        .expect("close frame");
+    assert_eq!(u16::from_be_bytes([resp[close + 2], resp[close + 3]]), 1007);
+    // Unmasked client frame → 1002.
+    let mut un = connect(&s.url("/"));
+    un.get_mut().write_all(&[0x81, 0x01, b'a']).unwrap();
+    assert_eq!(expect_close(&mut un), 1002);
+    // The bystander never noticed.
+    send_text(&mut other, "fine");
+    assert_eq!(recv_text(&mut other), "fine");
+    assert!(s.metric("wsfan_disconnects_total{reason=\"message_too_big\"}") >= 1.0);
+}
+
+#[test]
+fn slow_consumer_is_disconnected_and_memory_stays_bounded() {
+    let s = Wsfan::start(&[
+        "--max-outbound-bytes",
+        "262144",
+        "--max-message-size",
+        "65536",
+    ]);
+    let slow = connect(&s.url("/ws/flood"));
+    slow.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut fast = connect(&s.url("/ws/flood"));
+    let mut watcher = connect(&s.url("/ws/flood"));
+    let rss_before = s.rss_kb();
+    let payload = vec![7u8; 60_000];
+    // ~60 MB offered: far more than socket buffers plus the 256 KiB queue.
+    for i in 0..1000 {
+        fast.send(Message::binary(payload.clone())).unwrap();
+        if i % 50 == 0 {
+            // Keep the fast readers drained so only `slow` falls behind.
+            while let Ok(true) = poll_read(&mut fast) {}
+            while let Ok(true) = poll_read(&mut watcher) {}
+        }
+        if s.metric("wsfan_disconnects_total{reason=\"slow_consumer\"}") >= 1.0 {
+            break;
+        }
+    }
+    eventually(20.0, "slow consumer disconnected", || {
+        s.metric("wsfan_disconnects_total{reason=\"slow_consumer\"}") >= 1.0
+    });
+    let rss_after = s.rss_kb();
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    // The slow client's socket ends (after whatever was already in flight).
+    let mut slow = slow;
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match slow.read() {
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => assert!(Instant::now() < end, "slow client never cut off"),
+        }
+    }
+    drop(fast);
+    send_text(&mut watcher, "after");
+    loop {
+        if let Message::Text(t) = recv(&mut watcher) {
+            assert_eq!(t.as_str(), "after");
+            break;
+        }
+    }
+}
+
+/// Reads one message if one arrives within 50 ms.
+fn poll_read(ws: &mut Ws) -> Result<bool, ()> {
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let r = match ws.read() {
+        Ok(_) => Ok(true),
+        Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(_) => Err(()),
+    };
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    r
+}
+
+#[test]
+fn silent_peer_is_dropped_at_handshake_timeout() {
+    let s = Wsfan::start(&["--handshake-timeout", "0.5"]);
+    let mut idle = TcpStream::connect(s.addr).unwrap();
+    let mut partial = TcpStream::connect(s.addr).unwrap();
+    partial.write_all(b"GET / HTTP/1.1\r\nHost:").unwrap();
+    let start = Instant::now();
+    for c in [&mut idle, &mut partial] {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let _ = c.read_to_end(&mut buf);
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "dropped too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "not dropped: {took:?}");
+    let mut ws = connect(&s.url("/"));
+    send_text(&mut ws, "alive");
+    assert_eq!(recv_text(&mut ws), "alive");
+}
+
+#[test]
+fn over_max_connections_gets_503() {
+    let s = Wsfan::start(&["--max-connections", "3"]);
+    let mut a = connect(&s.url("/"));
+    let _b = connect(&s.url("/"));
+    let _c = connect(&s.url("/"));
+    assert_eq!(upgrade_status(&s.url("/"), &[]), Some(503));
+    let (st, _, _) = http(s.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(st, 503);
+    send_text(&mut a, "unaffected");
+    assert_eq!(recv_text(&mut a), "unaffected");
+}
+
+#[test]
+fn sigterm_sends_1001_and_exits_0() {
+    let mut s = Wsfan::start(&[]);
+    let mut a = connect(&s.url("/"));
+    let mut b = connect(&s.url("/ws/other"));
+    send_text(&mut a, "x");
+    assert_eq!(recv_text(&mut a), "x");
+    s.signal("TERM");
+    assert_eq!(expect_close(&mut a), 1001);
+    assert_eq!(expect_close(&mut b), 1001);
+    drop(a);
+    drop(b);
+    let st = s.wait_exit(10.0);
+    assert_eq!(st.code(), Some(0));
+    assert!(TcpStream::connect(s.addr).is_err(), "listener closed");
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    for (args, flag) in [
+        (&["--max-connections", "zero"][..], "--max-connections"),
+        (&["--handshake-timeout", "-3"][..], "--handshake-timeout"),
+        (&["--redis", "http://nope"][..], "--redis"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfan"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(flag),
+            "{args:?}"
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfan"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--max-outbound-bytes"));
+}

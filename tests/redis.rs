@@ -1,0 +1,337 @@
+//! Redis backplane: several wsfan processes sharing private redis-server processes.
+
+mod common;
+use common::*;
+use std::collections::HashSet;
+use std::time::Duration;
+use tungstenite::Message;
+
+fn instance(redis: &Redis, extra: &[&str]) -> Wsfan {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str()];
+    args.extend_from_slice(extra);
+    let s = Wsfan::start(&args);
+    eventually(10.0, "instance ready", || s.status("/readyz") == 200);
+    s
+}
+
+fn kinds_payloads(ws: &mut Ws, n: usize) -> Vec<Message> {
+    (0..n).map(|_| recv(ws)).collect()
+}
+
+#[test]
+fn three_instances_deliver_everything_once_in_one_order() {
+    let redis = Redis::start();
+    let instances: Vec<Wsfan> = (0..3).map(|_| instance(&redis, &[])).collect();
+    let per_instance = 4;
+    let mut clients: Vec<Ws> = instances
+        .iter()
+        .flat_map(|s| {
+            (0..per_instance)
+                .map(|_| connect(&s.url("/ws/room")))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let rounds = 10;
+    let mut sent = Vec::new();
+    for r in 0..rounds {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let m = match (i + r) % 3 {
+                0 => Message::text(format!("t{i}:{r}")),
+                1 => Message::binary(format!("b{i}:{r}").into_bytes()),
+                _ => Message::binary(Vec::new()),
+            };
+            c.send(m.clone()).unwrap();
+            sent.push(m);
+        }
+    }
+    let total = sent.len();
+    let mut reference: Option<Vec<Message>> = None;
+    for c in clients.iter_mut() {
+        let got = kinds_payloads(c, total);
+        let mut a: Vec<String> = got.iter().map(|m| format!("{m:?}")).collect();
+        let mut b: Vec<String> = sent.iter().map(|m| format!("{m:?}")).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "every message exactly once, kinds preserved");
+        match &reference {
+            None => reference = Some(got),
+            Some(r) => assert_eq!(r, &got, "same order on every client of every instance"),
+        }
+    }
+    // Exactly once: nothing more is pending. A marker is the next message everywhere.
+    send_text(&mut clients[0], "marker");
+    for c in clients.iter_mut() {
+        assert_eq!(recv(c), Message::text("marker"));
+    }
+}
+
+#[test]
+fn subscriptions_follow_local_interest_and_channels_stay_isolated() {
+    let redis = Redis::start();
+    let a = instance(&redis, &["--channel-prefix", "app:"]);
+    let b = instance(&redis, &["--channel-prefix", "app:"]);
+    assert!(redis.channels().is_empty(), "no clients, no subscriptions");
+    let mut a1 = connect(&a.url("/ws/one"));
+    eventually(5.0, "one subscribed once", || redis.numsub("app:one") == 1);
+    let mut b2 = connect(&b.url("/ws/two"));
+    let mut b1 = connect(&b.url("/ws/one"));
+    eventually(5.0, "one subscribed by both", || {
+        redis.numsub("app:one") == 2
+    });
+    assert_eq!(redis.numsub("app:two"), 1, "only b wants two");
+    assert_eq!(
+        redis.channels(),
+        vec!["app:one".to_string(), "app:two".to_string()]
+    );
+    send_text(&mut a1, "for one");
+    send_text(&mut b2, "for two");
+    assert_eq!(recv_text(&mut a1), "for one");
+    assert_eq!(recv_text(&mut b1), "for one");
+    assert_eq!(recv_text(&mut b2), "for two");
+    drop(b2);
+    eventually(5.0, "two unsubscribed when its last client left", || {
+        redis.numsub("app:two") == 0
+    });
+    drop(a1);
+    eventually(5.0, "a stops receiving one", || {
+        redis.numsub("app:one") == 1
+    });
+    send_text(&mut b1, "still");
+    assert_eq!(recv_text(&mut b1), "still");
+}
+
+#[test]
+fn a_101_means_subscribed_so_the_first_message_comes_back() {
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    for i in 0..30 {
+        let mut c = connect(&a.url(&format!("/ws/fresh{i}")));
+        send_text(&mut c, "first");
+        assert_eq!(recv_text(&mut c), "first", "channel fresh{i}");
+    }
+}
+
+#[test]
+fn interop_with_plain_redis_publish_and_subscribe() {
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    let mut ws = connect(&a.url("/"));
+    eventually(5.0, "subscribed", || redis.numsub("chat_messages") == 1);
+    // redis-cli PUBLISH → text to WebSocket clients.
+    assert_eq!(redis.publish("chat_messages", b"hello from redis"), 1);
+    assert_eq!(recv(&mut ws), Message::text("hello from redis"));
+    // Non-UTF-8 bytes from a foreign publisher arrive as binary.
+    redis.publish("chat_messages", &[0xff, 0x00]);
+    assert_eq!(recv(&mut ws), Message::binary(vec![0xffu8, 0x00]));
+    // A plain Redis subscriber sees wsfan's text verbatim.
+    let mut sub_conn = redis.conn();
+    let mut sub = sub_conn.as_pubsub();
+    sub.subscribe("chat_messages").unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    eventually(5.0, "plain subscriber registered", || {
+        redis.numsub("chat_messages") == 2
+    });
+    send_text(&mut ws, "typed in a browser");
+    let msg = sub.get_message().unwrap();
+    assert_eq!(msg.get_payload_bytes(), b"typed in a browser");
+    assert_eq!(recv_text(&mut ws), "typed in a browser");
+    // Binary travels in the envelope; text that looks like the envelope stays text.
+    ws.send(Message::binary(vec![1u8, 2])).unwrap();
+    assert_eq!(
+        sub.get_message().unwrap().get_payload_bytes(),
+        b"\0b\x01\x02"
+    );
+    assert_eq!(recv(&mut ws), Message::binary(vec![1u8, 2]));
+    send_text(&mut ws, "\0bnot binary");
+    assert_eq!(recv(&mut ws), Message::text("\0bnot binary"));
+}
+
+#[test]
+fn redis_restart_loses_nothing_clients_sent_and_readyz_follows() {
+    let mut redis = Redis::start();
+    let a = instance(
+        &redis,
+        &[
+            "--redis-ping-interval",
+            "0.2",
+            "--redis-timeout",
+            "0.5",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    let b = instance(
+        &redis,
+        &[
+            "--redis-ping-interval",
+            "0.2",
+            "--redis-timeout",
+            "0.5",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    let mut wa = connect(&a.url("/ws/r"));
+    let mut wb = connect(&b.url("/ws/r"));
+    send_text(&mut wa, "before");
+    assert_eq!(recv_text(&mut wa), "before");
+    assert_eq!(recv_text(&mut wb), "before");
+    redis.kill();
+    eventually(10.0, "readyz 503 while redis is down", || {
+        a.status("/readyz") == 503
+    });
+    for i in 0..50 {
+        send_text(&mut wa, &format!("during {i}"));
+    }
+    assert!(a.metric("wsfan_redis_buffer_messages") >= 1.0);
+    assert_eq!(a.metric("wsfan_redis_up"), 0.0);
+    redis.restart();
+    eventually(15.0, "readyz 200 after redis is back", || {
+        a.status("/readyz") == 200
+    });
+    // b re-subscribes on its own schedule; a flushes only after a re-subscribed, so a's
+    // own client sees everything. Check a's client strictly, b's if it was back in time.
+    for i in 0..50 {
+        assert_eq!(recv_text(&mut wa), format!("during {i}"));
+    }
+    eventually(15.0, "b ready", || b.status("/readyz") == 200);
+    send_text(&mut wb, "after");
+    assert_eq!(recv_text(&mut wa), "after");
+    loop {
+        let t = recv_text(&mut wb);
+        if t == "after" {
+            break;
+        }
+        assert!(t.starts_with("during "), "{t}");
+    }
+    assert!(a.metric("wsfan_redis_reconnects_total") >= 1.0);
+    assert_eq!(a.metric("wsfan_redis_buffer_dropped_total"), 0.0);
+}
+
+#[test]
+fn outage_buffer_drops_oldest_counts_it_and_stays_bounded() {
+    let mut redis = Redis::start();
+    let a = instance(
+        &redis,
+        &["--redis-buffer-messages", "5", "--redis-backoff-max", "0.3"],
+    );
+    let mut w = connect(&a.url("/ws/o"));
+    redis.kill();
+    eventually(10.0, "redis seen down", || a.status("/readyz") == 503);
+    for i in 0..20 {
+        send_text(&mut w, &format!("m{i}"));
+    }
+    eventually(5.0, "drops counted", || {
+        a.metric("wsfan_redis_buffer_dropped_total") == 15.0
+    });
+    assert_eq!(a.metric("wsfan_redis_buffer_messages"), 5.0);
+    redis.restart();
+    for i in 15..20 {
+        assert_eq!(
+            recv_text(&mut w),
+            format!("m{i}"),
+            "oldest dropped, newest kept in order"
+        );
+    }
+    send_text(&mut w, "next");
+    assert_eq!(recv_text(&mut w), "next");
+}
+
+#[test]
+fn outage_buffer_bytes_limit_holds() {
+    let mut redis = Redis::start();
+    let a = instance(
+        &redis,
+        &[
+            "--redis-buffer-bytes",
+            "100000",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    let mut w = connect(&a.url("/ws/o"));
+    redis.kill();
+    eventually(10.0, "redis seen down", || a.status("/readyz") == 503);
+    let payload = "x".repeat(10_000);
+    for _ in 0..30 {
+        send_text(&mut w, &payload);
+    }
+    eventually(5.0, "byte limit enforced", || {
+        a.metric("wsfan_redis_buffer_dropped_total") >= 20.0
+    });
+    assert!(a.metric("wsfan_redis_buffer_bytes") <= 100000.0);
+}
+
+#[test]
+fn unreachable_redis_at_startup_is_retried_and_not_served_as_clustered() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let a = Wsfan::start(&[
+        "--redis",
+        &url,
+        "--handshake-timeout",
+        "1",
+        "--redis-backoff-max",
+        "0.3",
+    ]);
+    a.wait_log("failed", 5.0);
+    assert_eq!(a.status("/healthz"), 200);
+    assert_eq!(a.status("/readyz"), 503);
+    // An upgrade is not confirmed while nothing is subscribed: 503 at the handshake deadline.
+    assert_eq!(upgrade_status(&a.url("/ws/x"), &[]), Some(503));
+    // Redis appears on that port: the instance connects by itself.
+    let _redis = Redis::start_on(port);
+    eventually(10.0, "ready once redis exists", || {
+        a.status("/readyz") == 200
+    });
+    let mut c = connect(&a.url("/ws/x"));
+    send_text(&mut c, "now");
+    assert_eq!(recv_text(&mut c), "now");
+}
+
+#[test]
+fn silent_dead_link_is_noticed_by_ping_deadline() {
+    let redis = Redis::start();
+    let a = instance(
+        &redis,
+        &[
+            "--redis-ping-interval",
+            "0.2",
+            "--redis-timeout",
+            "0.5",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    let _c = connect(&a.url("/ws/p"));
+    // Redis stops answering anyone for 2 s: no FIN, no RST, just silence.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("ALL")
+        .query(&mut redis.conn())
+        .unwrap();
+    a.wait_log("PING unanswered", 5.0);
+    eventually(10.0, "reconnected and ready", || {
+        a.status("/readyz") == 200 && a.metric("wsfan_redis_reconnects_total") >= 1.0
+    });
+}
+
+#[test]
+fn clients_stay_connected_through_an_outage() {
+    let mut redis = Redis::start();
+    let a = instance(&redis, &["--redis-backoff-max", "0.3"]);
+    let mut clients: Vec<Ws> = (0..10).map(|_| connect(&a.url("/ws/stay"))).collect();
+    redis.kill();
+    eventually(10.0, "down", || a.status("/readyz") == 503);
+    redis.restart();
+    eventually(10.0, "up", || a.status("/readyz") == 200);
+    send_text(&mut clients[3], "all here");
+    let mut seen = HashSet::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(recv_text(c), "all here");
+        seen.insert(i);
+    }
+    assert_eq!(seen.len(), 10);
+}

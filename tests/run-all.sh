@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the tests need (only what is missing) and runs every test:
+# fmt, clippy, unit + integration tests (real redis-server processes on free ports),
+# the Autobahn|Testsuite conformance run and the real-browser test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo build --release --bin wsfan
+cargo test --all-targets
+
+# Conformance (needs Python 2.7; says so and skips where there is none).
+bash tests/autobahn/run.sh
+
+# Real browsers: two chat pages on two instances sharing one Redis.
+bash tests/browser/run.sh
