@@ -46,8 +46,15 @@ pub struct BusStats {
     pub published: u64,
 }
 
+/// Standalone: publishes loop straight back as deliveries, in order.
+#[derive(Debug, Default)]
+pub struct LocalBus {
+    queue: VecDeque<BusEvent>,
+    published: u64,
+}
+
 pub enum Bus {
-    Local(VecDeque<BusEvent>),
+    Local(LocalBus),
     Redis(Box<RedisLink>),
 }
 
@@ -68,8 +75,9 @@ impl Bus {
 
     pub fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
         match self {
-            Bus::Local(q) => {
-                q.push_back(BusEvent::Deliver {
+            Bus::Local(l) => {
+                l.published += 1;
+                l.queue.push_back(BusEvent::Deliver {
                     channel: channel.to_string(),
                     kind,
                     payload,
@@ -91,7 +99,7 @@ impl Bus {
     /// Moves pending events into `out`.
     pub fn drain(&mut self, out: &mut Vec<BusEvent>) {
         match self {
-            Bus::Local(q) => out.extend(q.drain(..)),
+            Bus::Local(l) => out.extend(l.queue.drain(..)),
             Bus::Redis(r) => r.drain(out),
         }
     }
@@ -127,15 +135,16 @@ impl Bus {
     /// Unsent publishes (shutdown waits for them).
     pub fn pending(&self) -> usize {
         match self {
-            Bus::Local(q) => q.len(),
+            Bus::Local(l) => l.queue.len(),
             Bus::Redis(r) => r.stats().buffered_messages,
         }
     }
 
     pub fn stats(&self) -> BusStats {
         match self {
-            Bus::Local(_) => BusStats {
+            Bus::Local(l) => BusStats {
                 up: true,
+                published: l.published,
                 ..Default::default()
             },
             Bus::Redis(r) => r.stats(),

@@ -21,7 +21,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest as Ready, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
@@ -99,7 +99,7 @@ impl Server {
             Some(url) => Bus::Redis(Box::new(
                 RedisLink::new(url, &cfg).map_err(io::Error::other)?,
             )),
-            None => Bus::Local(VecDeque::new()),
+            None => Bus::Local(Default::default()),
         };
         let now = Instant::now();
         Ok(Server {

@@ -1,0 +1,407 @@
+//! Operating and protecting it: metrics, keepalive, rate limit, origin, JWT, publish API,
+//! SO_REUSEPORT, systemd notify.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use tungstenite::Message;
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn metrics_follow_traffic() {
+    let s = Wsfan::start(&[]);
+    let text = {
+        let (st, head, body) = http(
+            s.addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(st, 200);
+        assert!(head.contains("text/plain; version=0.0.4"));
+        String::from_utf8(body).unwrap()
+    };
+    for name in [
+        "wsfan_connections",
+        "wsfan_connections_total",
+        "wsfan_handshake_rejections_total",
+        "wsfan_messages_received_total",
+        "wsfan_messages_published_total",
+        "wsfan_messages_delivered_total",
+        "wsfan_bytes_sent_total",
+        "wsfan_disconnects_total",
+        "wsfan_channels",
+        "wsfan_redis_up",
+        "wsfan_redis_reconnects_total",
+        "wsfan_redis_buffer_messages",
+        "wsfan_redis_buffer_dropped_total",
+        "wsfan_loop_iteration_seconds",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+    }
+    let mut a = connect(&s.url("/ws/m1"));
+    let mut b = connect(&s.url("/ws/m1"));
+    let _c = connect(&s.url("/ws/m2"));
+    for i in 0..5 {
+        send_text(&mut a, &format!("{i}"));
+    }
+    for _ in 0..5 {
+        recv(&mut a);
+        recv(&mut b);
+    }
+    assert_eq!(s.metric("wsfan_messages_received_total"), 5.0);
+    assert_eq!(s.metric("wsfan_messages_published_total"), 5.0);
+    assert_eq!(s.metric("wsfan_messages_delivered_total"), 10.0);
+    assert_eq!(s.metric("wsfan_channels"), 2.0);
+    assert!(s.metric("wsfan_connections") >= 3.0);
+    assert!(s.metric("wsfan_bytes_sent_total") >= 30.0);
+    assert!(s.metric("wsfan_loop_iteration_seconds_count") > 0.0);
+    assert_eq!(upgrade_status(&s.url("/ws/"), &[]), Some(400));
+    assert_eq!(
+        s.metric("wsfan_handshake_rejections_total{reason=\"bad_channel\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn silent_client_is_dropped_by_ping_timeout_and_a_live_one_stays() {
+    let s = Wsfan::start(&["--ping-interval", "0.3"]);
+    // A raw client that completes the upgrade and then never reads or answers pings.
+    let mut raw = TcpStream::connect(s.addr).unwrap();
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut live = connect(&s.url("/"));
+    live.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    eventually(10.0, "silent client dropped for ping timeout", || {
+        // Reading lets tungstenite answer pings for the live client.
+        let _ = live.read();
+        s.metric("wsfan_disconnects_total{reason=\"ping_timeout\"}") >= 1.0
+    });
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink); // ends: the server closed it
+    live.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    send_text(&mut live, "still here");
+    assert_eq!(recv_text(&mut live), "still here");
+    assert_eq!(
+        s.metric("wsfan_disconnects_total{reason=\"ping_timeout\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn flooding_client_is_closed_1008_by_rate_limit() {
+    let s = Wsfan::start(&["--max-messages-per-sec", "10", "--max-messages-burst", "5"]);
+    let mut quiet = connect(&s.url("/ws/rl"));
+    let mut flood = connect(&s.url("/ws/rl"));
+    for i in 0..30 {
+        if flood.send(Message::text(format!("{i}"))).is_err() {
+            break;
+        }
+    }
+    assert_eq!(expect_close(&mut flood), 1008);
+    assert_eq!(
+        s.metric("wsfan_disconnects_total{reason=\"rate_limit\"}"),
+        1.0
+    );
+    // The burst (5) got through; the other client is untouched.
+    for i in 0..5 {
+        assert_eq!(recv_text(&mut quiet), format!("{i}"));
+    }
+    send_text(&mut quiet, "ok");
+    assert_eq!(recv_text(&mut quiet), "ok");
+}
+
+#[test]
+fn origins_same_host_by_default_list_or_wildcard() {
+    let s = Wsfan::start(&[]);
+    let host = s.addr.to_string();
+    let same = format!("http://{host}");
+    assert_eq!(upgrade_status(&s.url("/"), &[("Origin", &same)]), None);
+    assert_eq!(
+        upgrade_status(&s.url("/"), &[("Origin", "http://evil.example")]),
+        Some(403)
+    );
+    assert_eq!(
+        upgrade_status(&s.url("/"), &[]),
+        None,
+        "no Origin: not a browser"
+    );
+    let listed = Wsfan::start(&["--allowed-origins", "https://app.example,https://b.example"]);
+    assert_eq!(
+        upgrade_status(&listed.url("/"), &[("Origin", "https://b.example")]),
+        None
+    );
+    assert_eq!(
+        upgrade_status(
+            &listed.url("/"),
+            &[("Origin", &format!("http://{}", listed.addr))]
+        ),
+        Some(403)
+    );
+    let any = Wsfan::start(&["--allowed-origins", "*"]);
+    assert_eq!(
+        upgrade_status(&any.url("/"), &[("Origin", "http://evil.example")]),
+        None
+    );
+    assert_eq!(
+        s.metric("wsfan_handshake_rejections_total{reason=\"origin\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn jwt_valid_expired_wrong_signature_and_channel_scope() {
+    let s = Wsfan::start_env(&[], &[("WSFAN_JWT_SECRET", "topsecret")]);
+    let exp = now_unix() + 3600;
+    let good = wsfan::jwt::sign(
+        &format!(r#"{{"sub":"u1","exp":{exp},"channels":["room.*"]}}"#),
+        "topsecret",
+    );
+    let expired = wsfan::jwt::sign(r#"{"sub":"u1","exp":1000}"#, "topsecret");
+    let forged = wsfan::jwt::sign(r#"{"sub":"u1"}"#, "guess");
+    let mut c = connect(&s.url(&format!("/ws/room.1?token={good}")));
+    send_text(&mut c, "authorized");
+    assert_eq!(recv_text(&mut c), "authorized");
+    assert_eq!(
+        upgrade_status(&s.url(&format!("/ws/lobby?token={good}")), &[]),
+        Some(403)
+    );
+    assert_eq!(
+        upgrade_status(&s.url(&format!("/ws/room.1?token={expired}")), &[]),
+        Some(401)
+    );
+    assert_eq!(
+        upgrade_status(&s.url(&format!("/ws/room.1?token={forged}")), &[]),
+        Some(401)
+    );
+    assert_eq!(upgrade_status(&s.url("/ws/room.1"), &[]), Some(401));
+    let none_alg = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ1MSJ9.";
+    assert_eq!(
+        upgrade_status(&s.url(&format!("/ws/room.1?token={none_alg}")), &[]),
+        Some(401)
+    );
+}
+
+fn post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    key: Option<&str>,
+    ctype: &str,
+    body: &[u8],
+) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    read_response(&mut s, false).0
+}
+
+#[test]
+fn publish_api_across_two_instances_and_every_error() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let args = [
+        "--redis",
+        url.as_str(),
+        "--api-key",
+        "k3y",
+        "--max-message-size",
+        "100",
+        "--redis-buffer-messages",
+        "2",
+        "--redis-backoff-max",
+        "0.3",
+    ];
+    let a = Wsfan::start(&args);
+    let b = Wsfan::start(&args);
+    for s in [&a, &b] {
+        eventually(10.0, "ready", || s.status("/readyz") == 200);
+    }
+    let mut on_b = connect(&b.url("/ws/dash"));
+    assert_eq!(
+        post(
+            a.addr,
+            "/publish/dash",
+            Some("k3y"),
+            "text/plain",
+            b"cpu 42%"
+        ),
+        202
+    );
+    assert_eq!(recv(&mut on_b), Message::text("cpu 42%"));
+    assert_eq!(
+        post(
+            a.addr,
+            "/publish/dash",
+            Some("k3y"),
+            "application/octet-stream",
+            &[1, 2, 3]
+        ),
+        202
+    );
+    assert_eq!(recv(&mut on_b), Message::binary(vec![1u8, 2, 3]));
+    assert_eq!(post(a.addr, "/publish/dash", None, "text/plain", b"x"), 401);
+    assert_eq!(
+        post(a.addr, "/publish/dash", Some("wrong"), "text/plain", b"x"),
+        401
+    );
+    assert_eq!(
+        post(
+            a.addr,
+            "/publish/bad%20name",
+            Some("k3y"),
+            "text/plain",
+            b"x"
+        ),
+        400
+    );
+    assert_eq!(
+        post(
+            a.addr,
+            "/publish/dash",
+            Some("k3y"),
+            "text/plain",
+            &[0xff, 0xfe]
+        ),
+        400
+    );
+    assert_eq!(
+        post(
+            a.addr,
+            "/publish/dash",
+            Some("k3y"),
+            "text/plain",
+            &[b'a'; 101]
+        ),
+        413
+    );
+    let off = Wsfan::start(&[]);
+    assert_eq!(
+        post(off.addr, "/publish/dash", Some("k3y"), "text/plain", b"x"),
+        404
+    );
+    // Outage: accepted into the buffer (2 messages), then 503 when it is full.
+    redis.kill();
+    eventually(10.0, "a sees redis down", || a.status("/readyz") == 503);
+    assert_eq!(
+        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"q1"),
+        202
+    );
+    assert_eq!(
+        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"q2"),
+        202
+    );
+    assert_eq!(
+        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"q3"),
+        503
+    );
+    redis.restart();
+    eventually(10.0, "b ready again", || b.status("/readyz") == 200);
+    eventually(10.0, "a flushed its buffer", || {
+        a.metric("wsfan_redis_buffer_messages") == 0.0
+    });
+    // b came back too; whether it re-subscribed before a flushed is a race Pub/Sub cannot
+    // close (no history), so only a fresh message is asserted on b.
+    assert_eq!(
+        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"after"),
+        202
+    );
+    loop {
+        let m = recv(&mut on_b);
+        if m == Message::text("after") {
+            break;
+        }
+        assert!(
+            m == Message::text("q1") || m == Message::text("q2"),
+            "{m:?}"
+        );
+    }
+}
+
+#[test]
+fn reuse_port_processes_share_one_port_and_talk_through_redis() {
+    let redis = Redis::start();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = redis.url();
+    let args = [
+        "--listen",
+        listen.as_str(),
+        "--reuse-port",
+        "--redis",
+        url.as_str(),
+    ];
+    let a = Wsfan::start(&args);
+    let b = Wsfan::start(&args);
+    for s in [&a, &b] {
+        eventually(10.0, "ready", || s.status("/readyz") == 200);
+    }
+    let mut clients: Vec<Ws> = (0..40)
+        .map(|_| connect(&format!("ws://{listen}/ws/shared")))
+        .collect();
+    let (ca, cb) = (a.metric("wsfan_connections"), b.metric("wsfan_connections"));
+    // Each scrape is itself a connection on one of them; the WebSockets are spread.
+    assert!(
+        ca >= 5.0 && cb >= 5.0,
+        "kernel spread connections: a={ca} b={cb}"
+    );
+    send_text(&mut clients[0], "one port, two processes");
+    for c in clients.iter_mut() {
+        assert_eq!(recv_text(c), "one port, two processes");
+    }
+}
+
+#[test]
+fn systemd_notify_ready_and_stopping() {
+    let dir = std::env::temp_dir().join(format!("wsfan-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut s = Wsfan::start_env(
+        &["--redis", &url],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(
+        s.status("/readyz"),
+        200,
+        "READY=1 only once subscribed/ready"
+    );
+    s.signal("TERM");
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(s.wait_exit(10.0).code(), Some(0));
+    std::fs::remove_dir_all(dir).unwrap();
+}
