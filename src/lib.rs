@@ -19,6 +19,7 @@
 //! | [`static_files`]| the web client, compiled in or from `--static-dir`           |
 //! | [`metrics`]     | counters and the Prometheus text page                        |
 //! | [`jwt`]         | HS256 token checks for upgrades                              |
+//! | [`limits`]      | raising the open-files limit                                 |
 //! | [`listen`]      | the listening socket (`SO_REUSEPORT`)                        |
 //! | [`notify`]      | systemd `READY=1` / `STOPPING=1`                             |
 
@@ -29,6 +30,7 @@ pub mod envelope;
 pub mod http;
 pub mod hub;
 pub mod jwt;
+pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
@@ -44,6 +46,7 @@ pub use server::Server;
 
 /// Binds and runs a server until it shuts down (signals READY to systemd when ready).
 pub fn run(cfg: Config) -> std::io::Result<()> {
+    limits::raise_nofile(cfg.max_connections);
     let mut server = Server::bind(cfg)?;
     server.on_ready(Box::new(|| notify::send("READY=1")));
     server.run()

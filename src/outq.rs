@@ -62,18 +62,24 @@ impl OutQueue {
             if written_total >= max_bytes {
                 return Ok(Flushed::Capped);
             }
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-                let part = if i == 0 {
-                    &f[self.head_written..]
-                } else {
-                    &f[..]
-                };
-                slices[n] = IoSlice::new(part);
-                n += 1;
-            }
-            match w.write_vectored(&slices[..n]) {
+            let result = if self.frames.len() == 1 {
+                // The common broadcast case: one frame, plain write(2).
+                w.write(&self.frames[0][self.head_written..])
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut n = 0;
+                for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
+                    let part = if i == 0 {
+                        &f[self.head_written..]
+                    } else {
+                        &f[..]
+                    };
+                    slices[n] = IoSlice::new(part);
+                    n += 1;
+                }
+                w.write_vectored(&slices[..n])
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => {
                     stats.writes += 1;
@@ -105,8 +111,8 @@ impl OutQueue {
                 k = 0;
             }
         }
-        if self.frames.is_empty() && self.frames.capacity() > 64 {
-            // A burst is over: give the memory back (idle connections hold nothing).
+        if self.frames.is_empty() {
+            // Drained: give the memory back, so an idle connection holds nothing.
             self.frames = VecDeque::new();
         }
     }

@@ -52,6 +52,9 @@ impl Server {
                     }
                     Ok(Some(head)) => {
                         c.inbuf.drain(..head.len);
+                        if c.inbuf.is_empty() {
+                            c.inbuf = Vec::new(); // an idle connection keeps no buffer
+                        }
                         self.handle_request(id, head, now);
                     }
                 },

@@ -19,10 +19,16 @@ fi
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo build --release --bin wsfan
-cargo test --all-targets
+log="$(mktemp)"
+cargo test --all-targets 2>&1 | tee "$log"
+passed=$(grep -Eo '^test result: .*' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .*' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
 
 # Conformance (needs Python 2.7; says so and skips where there is none).
 bash tests/autobahn/run.sh
 
 # Real browsers: two chat pages on two instances sharing one Redis.
 bash tests/browser/run.sh
+
+echo "cargo: ${passed} passed, ${failed} failed"

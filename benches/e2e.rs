@@ -1,0 +1,713 @@
+//! End-to-end benchmark: real wsfan processes, a real redis-server, and a single-threaded
+//! mio load generator, all on loopback. `cargo bench --bench e2e`.
+//!
+//! Prints: binary size, RSS per idle connection, idle CPU, handshakes/s, broadcast time
+//! to N connections with server CPU against the raw-write floor, coalescing (deliveries
+//! per write, CPU per delivery at 1/10/100 messages per loop iteration), and throughput
+//! with 2 instances + Redis (deliveries/s, loss, latency p50/p99/p999, CPU per delivery).
+//!
+//! Sizes by environment: WSFAN_BENCH_IDLE (10000), WSFAN_BENCH_CLIENTS (1000),
+//! WSFAN_BENCH_SECS (5), WSFAN_BENCH_RATES (publishes/s, "200,400,800,1200").
+//! WSFAN_BENCH_ONLY=idle|coalescing|throughput runs one phase (e.g. under `perf record`).
+//! Under `cargo test` (no `--bench`) it runs a small smoke version.
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Socket, Type};
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn raise_nofile() {
+    let lim = libc::rlimit {
+        rlim_cur: 1_000_000,
+        rlim_max: 1_000_000,
+    };
+    // SAFETY: plain syscall on a struct we own. Fails harmlessly when not permitted.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
+            cur.rlim_cur = cur.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
+        }
+    }
+}
+
+/// CPU time (ns) a process or thread has spent running, from schedstat.
+fn cpu_ns(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn proc_cpu(pid: u32) -> u64 {
+    cpu_ns(&format!("/proc/{pid}/schedstat"))
+}
+
+fn self_cpu() -> u64 {
+    cpu_ns("/proc/thread-self/schedstat")
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_http_ok(addr: SocketAddr, path: &str) {
+    let end = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < end {
+        if http_get(addr, path).0 == 200 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{addr}{path} never answered 200");
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+fn start_wsfan(extra: &[&str]) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let child = Command::new(env!("CARGO_BIN_EXE_wsfan"))
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--log-level",
+            "warn",
+            "--ping-interval",
+            "3600",
+        ])
+        .args([
+            "--handshake-timeout",
+            "60",
+            "--max-messages-per-sec",
+            "1000000",
+        ])
+        .args(["--max-messages-burst", "1000000"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn wsfan");
+    let p = Proc(child);
+    wait_http_ok(addr, "/healthz");
+    (p, addr)
+}
+
+/// A client socket bound to a loopback source address chosen for connection `i`, with
+/// the port picked at connect time (IP_BIND_ADDRESS_NO_PORT) so TIME_WAIT ports from
+/// earlier runs can be reused: >28k connections and repeated runs both fit.
+fn client_socket(i: usize) -> Socket {
+    let base = 1 + (std::process::id() % 200) as usize;
+    let src: SocketAddr = format!(
+        "127.{base}.{}.{}:0",
+        i / 25_000 / 250,
+        2 + (i / 25_000) % 250
+    )
+    .parse()
+    .expect("src");
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and an int option value.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.bind(&src.into()).expect("bind source");
+    sock
+}
+
+// ---- the load generator -----------------------------------------------------------
+
+struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+    open: bool,
+    sent_req: bool,
+    received: u64,
+}
+
+/// Many WebSocket clients on one mio poll.
+struct Fleet {
+    poll: Poll,
+    clients: Vec<Client>,
+    events: Events,
+    scratch: Vec<u8>,
+}
+
+const REQ_TAIL: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+impl Fleet {
+    fn new() -> Fleet {
+        Fleet {
+            poll: Poll::new().expect("poll"),
+            clients: Vec::new(),
+            events: Events::with_capacity(4096),
+            scratch: vec![0; 256 * 1024],
+        }
+    }
+
+    /// Opens `n` WebSocket connections to `addr` on `path` (at most `window` handshakes in
+    /// flight; see `client_socket` for source addresses). Returns elapsed.
+    fn connect(&mut self, addr: SocketAddr, path: &str, n: usize, window: usize) -> Duration {
+        let start = Instant::now();
+        let first = self.clients.len();
+        let target = first + n;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n{REQ_TAIL}");
+        while self.clients.iter().skip(first).filter(|c| c.open).count() < n {
+            let pending = self.clients.len()
+                - first
+                - self.clients[first..].iter().filter(|c| c.open).count();
+            let mut room = window.saturating_sub(pending);
+            while room > 0 && self.clients.len() < target {
+                let i = self.clients.len();
+                let sock = client_socket(i);
+                sock.set_nonblocking(true).expect("nonblocking");
+                let _ = sock.set_tcp_nodelay(true);
+                match sock.connect(&addr.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(e) => panic!("connect #{i}: {e}"),
+                }
+                let mut s = TcpStream::from_std(sock.into());
+                self.poll
+                    .registry()
+                    .register(&mut s, Token(i), Interest::READABLE | Interest::WRITABLE)
+                    .expect("register");
+                self.clients.push(Client {
+                    s,
+                    buf: Vec::new(),
+                    open: false,
+                    sent_req: false,
+                    received: 0,
+                });
+                room -= 1;
+            }
+            self.poll
+                .poll(&mut self.events, Some(Duration::from_millis(100)))
+                .expect("poll");
+            let ready: Vec<(usize, bool)> = self
+                .events
+                .iter()
+                .map(|e| (e.token().0, e.is_writable()))
+                .collect();
+            for (i, writable) in ready {
+                let c = &mut self.clients[i];
+                if writable && !c.sent_req && c.s.peer_addr().is_ok() {
+                    c.s.write_all(req.as_bytes()).expect("send request");
+                    c.sent_req = true;
+                }
+                if !c.open && c.sent_req {
+                    let mut tmp = [0u8; 512];
+                    while let Ok(k) = c.s.read(&mut tmp) {
+                        if k == 0 {
+                            panic!("server closed during handshake");
+                        }
+                        c.buf.extend_from_slice(&tmp[..k]);
+                    }
+                    if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        assert!(
+                            c.buf.starts_with(b"HTTP/1.1 101"),
+                            "{}",
+                            String::from_utf8_lossy(&c.buf)
+                        );
+                        c.buf.drain(..end + 4);
+                        c.buf.shrink_to_fit();
+                        c.open = true;
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "handshakes stalled"
+            );
+        }
+        start.elapsed()
+    }
+
+    /// Sends `frames` (already encoded) from client `i`.
+    fn send(&mut self, i: usize, bytes: &[u8]) {
+        let s = &mut self.clients[i].s;
+        let mut off = 0;
+        while off < bytes.len() {
+            match s.write(&bytes[off..]) {
+                Ok(k) => off += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+
+    /// Reads whatever arrives for up to `wait`, calling `on_msg(client, payload)` per
+    /// data frame. Returns when `done()` or the time is up.
+    fn pump(
+        &mut self,
+        wait: Duration,
+        on_msg: &mut dyn FnMut(usize, &[u8]),
+        done: &mut dyn FnMut() -> bool,
+    ) {
+        let end = Instant::now() + wait;
+        while !done() && Instant::now() < end {
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(5)));
+            let ready: Vec<usize> = self
+                .events
+                .iter()
+                .filter(|e| e.is_readable())
+                .map(|e| e.token().0)
+                .collect();
+            for i in ready {
+                self.read_client(i, on_msg);
+            }
+        }
+    }
+
+    fn read_client(&mut self, i: usize, on_msg: &mut dyn FnMut(usize, &[u8])) {
+        let c = &mut self.clients[i];
+        loop {
+            match c.s.read(&mut self.scratch) {
+                Ok(0) => return,
+                Ok(k) => {
+                    c.buf.extend_from_slice(&self.scratch[..k]);
+                    let mut pos = 0;
+                    while let Some((op, start, len)) = parse_frame(&c.buf[pos..]) {
+                        if op == 1 || op == 2 {
+                            c.received += 1;
+                            on_msg(i, &c.buf[pos + start..pos + start + len]);
+                        }
+                        pos += start + len;
+                    }
+                    c.buf.drain(..pos);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn total_received(&self) -> u64 {
+        self.clients.iter().map(|c| c.received).sum()
+    }
+}
+
+/// (opcode, payload offset, payload length) of an unmasked server frame.
+fn parse_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let op = b[0] & 0x0f;
+    let (start, len) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
+        127 if b.len() >= 10 => (10, u64::from_be_bytes(b[2..10].try_into().ok()?) as usize),
+        126 | 127 => return None,
+        n => (2, n as usize),
+    };
+    (b.len() >= start + len).then_some((op, start, len))
+}
+
+/// A masked (zero key) client text frame.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x81];
+    if payload.len() < 126 {
+        v.push(0x80 | payload.len() as u8);
+    } else {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    v.extend_from_slice(&[0, 0, 0, 0]);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1e6
+}
+
+// ---- phases -----------------------------------------------------------------------
+
+fn idle_and_broadcast(n: usize) {
+    let (p, addr) = start_wsfan(&["--max-connections", &(n + 1000).to_string()]);
+    let pid = p.0.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let rss0 = rss_kb(pid);
+    let mut fleet = Fleet::new();
+    let took = fleet.connect(addr, "/ws/bcast", n, 1000);
+    println!("handshakes: {n} connections in {:.2} s = {:.0} new WebSocket connections/s (1000 in flight)",
+        took.as_secs_f64(), n as f64 / took.as_secs_f64());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(addr, "wsfan_connections") < n as f64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rss1 = rss_kb(pid);
+    println!("idle memory: RSS {rss0} KiB -> {rss1} KiB with {n} open WebSocket connections = {:.0} bytes per connection",
+        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64);
+    let c0 = proc_cpu(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    println!(
+        "idle CPU: {:.3} ms over 2 s with {n} idle connections",
+        (proc_cpu(pid) - c0) as f64 / 1e6
+    );
+
+    // Broadcast: client 0 sends one 64-byte message; time until all n have it.
+    let mut spans = Vec::new();
+    let mut cpus = Vec::new();
+    for round in 0..5 {
+        let payload = format!("{round:064}");
+        let frame = client_frame(payload.as_bytes());
+        let before = fleet.total_received();
+        let cpu0 = proc_cpu(pid);
+        let t0 = Instant::now();
+        let (mut first, mut last) = (None, None);
+        fleet.send(0, &frame);
+        let got = Cell::new(0usize);
+        fleet.pump(
+            Duration::from_secs(20),
+            &mut |_, _| {
+                got.set(got.get() + 1);
+                let now = t0.elapsed();
+                first.get_or_insert(now);
+                last = Some(now);
+            },
+            &mut || got.get() >= n,
+        );
+        cpus.push((proc_cpu(pid) - cpu0) as f64 / 1e6);
+        spans.push((first.unwrap_or_default(), last.unwrap_or_default()));
+        assert_eq!(
+            fleet.total_received() - before,
+            n as u64,
+            "every connection got the broadcast"
+        );
+    }
+    // The floor: n raw 66-byte writes on n loopback sockets, measured in this thread.
+    drop(fleet);
+    drop(p);
+    let floor = raw_write_floor(n);
+    cpus.sort_by(|a, b| a.total_cmp(b));
+    let med = cpus[cpus.len() / 2];
+    let (f, l) = spans[spans.len() / 2];
+    println!(
+        "broadcast: one 64-byte message to {n} connections: first after {:.1} ms, last after {:.1} ms; \
+         server CPU {med:.1} ms (median of 5) vs {floor:.1} ms for {n} raw writes = {:.2}x the floor",
+        f.as_secs_f64() * 1e3, l.as_secs_f64() * 1e3, med / floor
+    );
+}
+
+/// The floor: CPU ms for `n` raw 66-byte writes, each on its own loopback socket, with
+/// a receiver waiting in epoll on the other ends (as the load generator waits on
+/// wsfan's sockets, so the sender pays the same wake-ups). Measured on up to 9,000
+/// socket pairs (two descriptors each must fit the open-files limit), scaled to `n`.
+fn raw_write_floor(n: usize) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = l.local_addr().expect("addr");
+    let m = n.min(9000);
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<f64>();
+    let writer = std::thread::spawn(move || {
+        let mut conns: Vec<std::net::TcpStream> = (0..m)
+            .map(|_| {
+                let (s, _) = l.accept().expect("accept");
+                let _ = s.set_nodelay(true);
+                s
+            })
+            .collect();
+        let frame = [0x81u8; 66];
+        while go_rx.recv().is_ok() {
+            let c0 = self_cpu();
+            for s in conns.iter_mut() {
+                let _ = s.write(&frame);
+            }
+            let _ = done_tx.send((self_cpu() - c0) as f64 / 1e6);
+        }
+    });
+    let poll = Poll::new().expect("poll");
+    let mut socks = Vec::with_capacity(m);
+    for i in 0..m {
+        let sock = client_socket(i);
+        sock.connect(&addr.into()).expect("connect");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let mut s = TcpStream::from_std(sock.into());
+        poll.registry()
+            .register(&mut s, Token(i), Interest::READABLE)
+            .expect("register");
+        socks.push(s);
+    }
+    let mut poll = poll;
+    let mut events = Events::with_capacity(4096);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let _ = go_tx.send(());
+        let mut got = 0;
+        let mut buf = [0u8; 256];
+        let end = Instant::now() + Duration::from_secs(20);
+        while got < m * 66 && Instant::now() < end {
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(5)));
+            for e in events.iter() {
+                while let Ok(k @ 1..) = socks[e.token().0].read(&mut buf) {
+                    got += k;
+                }
+            }
+        }
+        if let Ok(ms) = done_rx.recv() {
+            best = best.min(ms * n as f64 / m as f64);
+        }
+    }
+    drop(go_tx);
+    let _ = writer.join();
+    best
+}
+
+fn coalescing(clients: usize) {
+    let (p, addr) = start_wsfan(&["--max-connections", &(clients + 100).to_string()]);
+    let pid = p.0.id();
+    let mut fleet = Fleet::new();
+    fleet.connect(addr, "/ws/co", clients, 500);
+    for k in [1usize, 10, 100] {
+        let bursts = (200 / k).max(4);
+        let burst: Vec<u8> = (0..k)
+            .flat_map(|i| client_frame(format!("{i:032}").as_bytes()))
+            .collect();
+        let w0 = metric(addr, "wsfan_write_calls_total");
+        let cpu0 = proc_cpu(pid);
+        let before = fleet.total_received();
+        for _ in 0..bursts {
+            let want = fleet.total_received() + (k * clients) as u64;
+            fleet.send(0, &burst);
+            let got = Cell::new(fleet.total_received());
+            fleet.pump(
+                Duration::from_secs(20),
+                &mut |_, _| got.set(got.get() + 1),
+                &mut || got.get() >= want,
+            );
+            assert!(fleet.total_received() >= want, "burst not delivered");
+        }
+        let cpu = (proc_cpu(pid) - cpu0) as f64;
+        let deliveries = (fleet.total_received() - before) as f64;
+        // Subtract the metrics scrape itself (one write).
+        let writes = metric(addr, "wsfan_write_calls_total") - w0 - 1.0;
+        println!(
+            "coalescing: {k:>3} messages per loop iteration x {clients} clients: {:.1} deliveries per write, \
+             {:.2} us server CPU per delivery",
+            deliveries / writes.max(1.0),
+            cpu / 1e3 / deliveries
+        );
+    }
+}
+
+fn throughput(clients: usize, secs: f64, rates: &[u64]) {
+    let rport = free_port();
+    let redis = Proc(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &rport.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let url = format!("redis://127.0.0.1:{rport}");
+    let (a, aa) = start_wsfan(&["--redis", &url, "--max-connections", "100000"]);
+    let (b, ba) = start_wsfan(&["--redis", &url, "--max-connections", "100000"]);
+    wait_http_ok(aa, "/readyz");
+    wait_http_ok(ba, "/readyz");
+    let mut fleet = Fleet::new();
+    fleet.connect(aa, "/ws/tp", clients / 2, 500);
+    fleet.connect(ba, "/ws/tp", clients - clients / 2, 500);
+    let publishers: Vec<usize> = (0..10.min(clients))
+        .map(|i| i * clients / 10.min(clients))
+        .collect();
+    let origin = Instant::now();
+    for &rate in rates {
+        let before = fleet.total_received();
+        let cpus0 = [
+            proc_cpu(a.0.id()),
+            proc_cpu(b.0.id()),
+            proc_cpu(redis.0.id()),
+            self_cpu(),
+        ];
+        let mut lat: Vec<u64> = Vec::with_capacity((rate as f64 * secs) as usize * clients);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed().as_secs_f64() < secs {
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                let ts = origin.elapsed().as_nanos() as u64;
+                let who = publishers[(sent % publishers.len() as u64) as usize];
+                fleet.send(who, &client_frame(format!("{ts:020}").as_bytes()));
+                sent += 1;
+            }
+            fleet.pump(
+                Duration::from_millis(1),
+                &mut |_, p| record(&mut lat, origin, p),
+                &mut || false,
+            );
+        }
+        let want = sent * clients as u64;
+        let got = Cell::new(fleet.total_received() - before);
+        fleet.pump(
+            Duration::from_secs(10),
+            &mut |_, p| {
+                got.set(got.get() + 1);
+                record(&mut lat, origin, p)
+            },
+            &mut || got.get() >= want,
+        );
+        let elapsed = start.elapsed().as_secs_f64();
+        let got = fleet.total_received() - before;
+        let cpu = |i: usize, pid: u32| (proc_cpu(pid) - cpus0[i]) as f64;
+        let server = cpu(0, a.0.id()) + cpu(1, b.0.id());
+        let redis_cpu = cpu(2, redis.0.id());
+        let gen = (self_cpu() - cpus0[3]) as f64;
+        lat.sort_unstable();
+        println!(
+            "throughput @ {rate} publishes/s x {clients} clients (2 instances + Redis): {:.0} deliveries/s offered, \
+             {got}/{want} delivered ({} lost); latency p50 {:.1} ms p99 {:.1} ms p999 {:.1} ms; \
+             CPU per delivery: wsfan {:.2} us, redis {:.3} us, load generator {:.2} us",
+            want as f64 / secs,
+            want.saturating_sub(got),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&lat, 0.999),
+            server / 1e3 / got.max(1) as f64,
+            redis_cpu / 1e3 / got.max(1) as f64,
+            gen / 1e3 / got.max(1) as f64,
+        );
+        let _ = elapsed;
+        if got < want || percentile(&lat, 0.99) > 100.0 {
+            println!(
+                "throughput: stopping the ramp at {rate} publishes/s (loss or p99 over 100 ms)"
+            );
+            break;
+        }
+    }
+}
+
+fn record(lat: &mut Vec<u64>, origin: Instant, payload: &[u8]) {
+    if let Some(ts) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        lat.push((origin.elapsed().as_nanos() as u64).saturating_sub(ts));
+    }
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    raise_nofile();
+    let bin = env!("CARGO_BIN_EXE_wsfan");
+    let size = std::fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "binary: {bin} is {:.2} MiB",
+        size as f64 / (1024.0 * 1024.0)
+    );
+    let (idle, clients, secs, rates) = if bench {
+        let rates: Vec<u64> = std::env::var("WSFAN_BENCH_RATES")
+            .unwrap_or_else(|_| "200,400,800,1200".into())
+            .split(',')
+            .filter_map(|r| r.trim().parse().ok())
+            .collect();
+        (
+            env_or("WSFAN_BENCH_IDLE", 10_000),
+            env_or("WSFAN_BENCH_CLIENTS", 1000),
+            env_or("WSFAN_BENCH_SECS", 5) as f64,
+            rates,
+        )
+    } else {
+        println!("(smoke run: use `cargo bench --bench e2e` for real numbers)");
+        (300, 50, 0.5, vec![100])
+    };
+    // WSFAN_BENCH_ONLY=idle|coalescing|throughput runs one phase (for profiling).
+    let only = std::env::var("WSFAN_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "idle" {
+        idle_and_broadcast(idle);
+    }
+    if only.is_empty() || only == "coalescing" {
+        coalescing(clients);
+    }
+    if only.is_empty() || only == "throughput" {
+        throughput(clients, secs, &rates);
+    }
+}
