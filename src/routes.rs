@@ -42,6 +42,16 @@ impl Server {
             let Some(c) = self.conns.get_mut(id.0) else {
                 return;
             };
+            if c.out.len() > self.cfg.max_outbound_bytes {
+                // Pipelining requests without reading the answers: same cap as WebSocket.
+                info!(
+                    "conn={} peer={} slow consumer: {} response bytes queued",
+                    id.0,
+                    c.peer,
+                    c.out.len()
+                );
+                return self.drop_conn(id, Reason::SlowConsumer);
+            }
             match &c.phase {
                 Phase::Http => match http::parse_head(&c.inbuf) {
                     Ok(None) => return,

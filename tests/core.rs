@@ -392,3 +392,16 @@ fn bad_flags_exit_2_naming_the_flag() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--max-outbound-bytes"));
 }
+
+#[test]
+fn pipelined_requests_without_reading_hit_the_output_cap() {
+    let s = Wsfan::start(&["--max-outbound-bytes", "65536"]);
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    let req = "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000); // ~2 MB of answers
+    let _ = c.write_all(req.as_bytes()); // may fail once the server gives up on us
+    eventually(10.0, "pipelining client cut off", || {
+        s.metric("wsfan_disconnects_total{reason=\"slow_consumer\"}") == 1.0
+    });
+    assert!(s.rss_kb() < 64 * 1024, "RSS {} KiB", s.rss_kb());
+    assert_eq!(s.status("/healthz"), 200);
+}
