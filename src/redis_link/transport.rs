@@ -1,0 +1,264 @@
+//! The transport under each Redis link: where Redis is (`Target`, from the URL), the
+//! non-blocking TCP or Unix stream, and one connection's state (`Link`: connect,
+//! write buffer, parser, backoff, PING bookkeeping). No Pub/Sub logic here.
+
+use mio::event::Source;
+use mio::{Registry, Token};
+use redis::IntoConnectionInfo;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// First reconnect delay; doubles per failed attempt up to `redis_backoff_max`.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Above this the write buffer is released once it drains.
+const KEEP_OUT_BYTES: usize = 2 * 1024 * 1024;
+
+/// Where Redis is and how to log in, from the `--redis` URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub(super) addr: Addr,
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) db: i64,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Addr {
+    Tcp(String, u16),
+    Unix(PathBuf),
+}
+
+impl Target {
+    /// Parses `redis://[user:pass@]host[:port][/db]` or `unix:///path[?db=N&pass=..]`.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        if !(url.starts_with("redis://")
+            || url.starts_with("unix://")
+            || url.starts_with("redis+unix://"))
+        {
+            return Err("expected redis://host:port[/db] or unix:///path".to_string());
+        }
+        let info = url.into_connection_info().map_err(|e| e.to_string())?;
+        let addr = match info.addr() {
+            redis::ConnectionAddr::Tcp(h, p) => {
+                Addr::Tcp(h.trim_matches(['[', ']']).to_string(), *p)
+            }
+            redis::ConnectionAddr::Unix(p) => Addr::Unix(p.clone()),
+            _ => return Err("TLS (rediss://) is not supported".to_string()),
+        };
+        let r = info.redis_settings();
+        Ok(Target {
+            addr,
+            username: r.username().map(str::to_string),
+            password: r.password().map(str::to_string),
+            db: r.db(),
+        })
+    }
+
+    /// For logs: the password is never shown.
+    pub fn display(&self) -> String {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (None, Some(_)) => ":***@".to_string(),
+            (Some(u), None) => format!("{u}@"),
+            (None, None) => String::new(),
+        };
+        match &self.addr {
+            Addr::Tcp(h, p) => format!("redis://{auth}{h}:{p}/{}", self.db),
+            Addr::Unix(p) => format!("unix://{}?db={}", p.display(), self.db),
+        }
+    }
+
+    pub(super) fn connect(&self) -> io::Result<Stream> {
+        match &self.addr {
+            Addr::Tcp(host, port) => {
+                // An IP literal needs no lookup; a name is resolved here (getaddrinfo,
+                // which may block briefly: use an IP or /etc/hosts on edge boxes).
+                let addr: SocketAddr = match host.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, *port),
+                    Err(_) => (host.as_str(), *port)
+                        .to_socket_addrs()?
+                        .next()
+                        .ok_or_else(|| io::Error::other("no address for host"))?,
+                };
+                let s = mio::net::TcpStream::connect(addr)?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Addr::Unix(p) => Ok(Stream::Unix(mio::net::UnixStream::connect(p)?)),
+        }
+    }
+}
+
+pub(super) enum Stream {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(b),
+            Stream::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(b),
+            Stream::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream {
+    pub(super) fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
+        }
+    }
+    /// `Ok(true)` once a non-blocking connect has completed.
+    pub(super) fn connected(&mut self) -> io::Result<bool> {
+        let (err, peer) = match self {
+            Stream::Tcp(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+            Stream::Unix(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
+        };
+        if let Some(e) = err {
+            return Err(e);
+        }
+        match peer {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// Not connected; next attempt at `retry_at`.
+    Down,
+    /// Non-blocking connect in progress.
+    Connecting,
+    /// Connected (login commands may still be in flight; they are pipelined).
+    Up,
+}
+
+/// One Redis connection's transport state.
+pub(super) struct Link {
+    pub(super) name: &'static str,
+    pub(super) token: Token,
+    pub(super) state: State,
+    pub(super) stream: Option<Stream>,
+    pub(super) parser: redis::Parser,
+    pub(super) out: Vec<u8>,
+    pub(super) out_pos: usize,
+    pub(super) retry_at: Instant,
+    pub(super) failures: u32,
+    pub(super) deadline: Option<Instant>,
+    pub(super) next_ping: Instant,
+    pub(super) ping_sent: Option<Instant>,
+    pub(super) ever_up: bool,
+}
+
+impl Link {
+    pub(super) fn new(name: &'static str, token: Token, now: Instant) -> Link {
+        Link {
+            name,
+            token,
+            state: State::Down,
+            stream: None,
+            parser: redis::Parser::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            retry_at: now,
+            failures: 0,
+            deadline: None,
+            next_ping: now,
+            ping_sent: None,
+            ever_up: false,
+        }
+    }
+
+    pub(super) fn send(&mut self, cmd: &redis::Cmd) {
+        cmd.write_packed_command(&mut self.out);
+    }
+
+    /// Writes queued bytes until done or WouldBlock.
+    pub(super) fn write(&mut self) -> io::Result<()> {
+        let Some(s) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        if self.state != State::Up {
+            return Ok(());
+        }
+        while self.out_pos < self.out.len() {
+            match s.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        if self.out.capacity() > KEEP_OUT_BYTES {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+
+    pub(super) fn pending_out(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    pub(super) fn close(&mut self, registry: &Registry, now: Instant, max: Duration, jitter: f64) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = registry.deregister(s.source());
+        }
+        self.state = State::Down;
+        self.parser = redis::Parser::new();
+        self.out.clear();
+        self.out_pos = 0;
+        self.ping_sent = None;
+        self.deadline = None;
+        let exp = BACKOFF_START.saturating_mul(1u32 << self.failures.min(16));
+        let cap = exp.min(max);
+        // "Equal jitter": between half the cap and the cap.
+        self.retry_at = now + cap.mul_f64(0.5 + 0.5 * jitter);
+        self.failures = self.failures.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn urls_parse_and_passwords_are_redacted() {
+        let t = Target::parse("redis://user:secret@10.0.0.1:6380/2").unwrap();
+        assert_eq!(t.display(), "redis://user:***@10.0.0.1:6380/2");
+        assert!(!t.display().contains("secret"));
+        let t = Target::parse("redis://localhost").unwrap();
+        assert_eq!(t.display(), "redis://localhost:6379/0");
+        let t = Target::parse("unix:///run/redis.sock?db=3").unwrap();
+        assert_eq!(t.display(), "unix:///run/redis.sock?db=3");
+        for bad in [
+            "http://x",
+            "redis//x",
+            "",
+            "rediss://x:1",
+            "redis://:99999999",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Fan-out and writing: one encoded frame queued to every member, flushed once per
+//! iteration, slow consumers closed after the fan-out.
+
+use super::*;
+
+impl Server {
+    pub(super) fn drain_bus(&mut self, now: Instant) {
+        let mut evs = std::mem::take(&mut self.bus_events);
+        self.bus.drain(&mut evs);
+        for ev in evs.drain(..) {
+            match ev {
+                BusEvent::Deliver {
+                    channel,
+                    kind,
+                    payload,
+                } => self.fan_out(&channel, kind, payload),
+                BusEvent::Subscribed(channel) => self.release_waiting(&channel, now),
+            }
+        }
+        self.bus_events = evs;
+    }
+
+    /// Encodes the frame once and queues the same bytes to every open local member.
+    pub(super) fn fan_out(&mut self, channel: &str, kind: Kind, payload: Bytes) {
+        let members = self.hub.members(channel);
+        if members.is_empty() {
+            return;
+        }
+        let frame = ws::data_frame(kind, payload);
+        let max = self.cfg.max_outbound_bytes;
+        for &m in members {
+            let Some(c) = self.conns.get_mut(m.0) else {
+                continue;
+            };
+            if !c.is_open() {
+                continue;
+            }
+            if c.out.len() + frame.len() > max {
+                self.slow.push(m);
+                continue;
+            }
+            c.out.push(frame.clone());
+            self.metrics.messages_delivered += 1;
+            if !c.in_flush_list {
+                c.in_flush_list = true;
+                self.flush_list.push(m);
+            }
+        }
+    }
+
+    /// Marked during the fan-out, closed after it (never inside it).
+    pub(super) fn close_slow_consumers(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.slow) {
+            let Some(c) = self.conns.get_mut(id.0) else {
+                continue;
+            };
+            if !c.is_open() {
+                continue;
+            }
+            info!(
+                "conn={} peer={} slow consumer: {} bytes queued",
+                id.0,
+                c.peer,
+                c.out.len()
+            );
+            let frame = ws::close_frame(1008, "slow consumer");
+            if c.out.len() + frame.len() <= self.cfg.max_outbound_bytes {
+                self.begin_close(id, Reason::SlowConsumer, Some(frame), now);
+            } else {
+                self.drop_conn(id, Reason::SlowConsumer);
+            }
+        }
+    }
+
+    /// The channel is subscribed: complete the upgrades that were waiting for it.
+    pub(super) fn release_waiting(&mut self, channel: &str, now: Instant) {
+        let waiting: Vec<ConnId> = self
+            .hub
+            .members(channel)
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.conns.get(m.0).is_some_and(
+                    |c| matches!(&c.phase, Phase::AwaitSub { channel: ch, .. } if &**ch == channel),
+                )
+            })
+            .collect();
+        for id in waiting {
+            self.open_ws(id, now);
+        }
+    }
+
+    /// Sends the held 101 and starts speaking WebSocket.
+    pub(crate) fn open_ws(&mut self, id: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        let Phase::AwaitSub { response, channel } = std::mem::replace(&mut c.phase, Phase::Open)
+        else {
+            return;
+        };
+        c.deadline = None;
+        c.alive = true;
+        c.tokens = self.cfg.max_messages_burst as f32;
+        c.refilled = now;
+        info!("conn={} peer={} joined channel={channel}", id.0, c.peer);
+        self.queue(id, response);
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        if !c.inbuf.is_empty() {
+            let mut early = std::mem::take(&mut c.inbuf);
+            self.on_ws_bytes(id, &mut early, now);
+        }
+    }
+
+    pub(crate) fn queue(&mut self, id: ConnId, bytes: Bytes) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        c.out.push(bytes);
+        self.mark_flush(id);
+    }
+
+    pub(super) fn mark_flush(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(id.0) {
+            if !c.in_flush_list {
+                c.in_flush_list = true;
+                self.flush_list.push(id);
+            }
+        }
+    }
+
+    pub(super) fn flush_all(&mut self) {
+        let list = std::mem::take(&mut self.flush_list);
+        for &id in &list {
+            self.flush_one(id);
+        }
+        let mut list = list;
+        list.clear();
+        if self.flush_list.is_empty() {
+            self.flush_list = list; // keep the allocation
+        }
+        self.metrics.write_calls = self.write_stats.writes;
+        self.metrics.bytes_sent = self.write_stats.bytes;
+    }
+
+    pub(super) fn flush_one(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        c.in_flush_list = false;
+        match c
+            .out
+            .flush_to(&mut c.stream, WRITE_BUDGET, &mut self.write_stats)
+        {
+            Ok(Flushed::All) => {
+                if c.want_write {
+                    c.want_write = false;
+                    let _ = self.poll.registry().reregister(
+                        &mut c.stream,
+                        Token(id.0),
+                        Ready::READABLE,
+                    );
+                }
+                if matches!(c.phase, Phase::Closing) && !c.write_shut {
+                    c.write_shut = true;
+                    let _ = c.stream.shutdown(Shutdown::Write);
+                }
+            }
+            Ok(Flushed::Partial) => {
+                if !c.want_write {
+                    c.want_write = true;
+                    let _ = self.poll.registry().reregister(
+                        &mut c.stream,
+                        Token(id.0),
+                        Ready::READABLE | Ready::WRITABLE,
+                    );
+                }
+            }
+            Ok(Flushed::Capped) => {
+                // Fairness: others get their turn; continue next iteration.
+                c.in_flush_list = true;
+                self.flush_list.push(id);
+            }
+            Err(e) => {
+                debug!("conn={} write error: {e}", id.0);
+                self.drop_conn(id, Reason::PeerGone);
+            }
+        }
+    }
+}

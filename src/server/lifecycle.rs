@@ -1,0 +1,200 @@
+//! Closing connections, timers (deadlines, keepalive) and staged shutdown.
+
+use super::*;
+
+impl Server {
+    /// Stops reading messages, queues `last` (a close frame or response), writes what is
+    /// queued, then shuts the write side and lingers for the peer's EOF.
+    pub(crate) fn begin_close(
+        &mut self,
+        id: ConnId,
+        reason: Reason,
+        last: Option<Bytes>,
+        now: Instant,
+    ) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        if matches!(c.phase, Phase::Closing) {
+            return;
+        }
+        debug!("conn={} peer={} closing: {}", id.0, c.peer, reason.label());
+        c.phase = Phase::Closing;
+        c.reason = Some(reason);
+        self.metrics.disconnect(reason); // counted when decided, not when the peer acks
+        c.inbuf = Vec::new();
+        c.decoder = ws::Decoder::default();
+        if let Some(b) = last {
+            c.out.push(b);
+        }
+        for i in self.hub.leave_all(id) {
+            self.interest(i);
+        }
+        self.set_deadline(id, now + CLOSE_LINGER);
+        self.mark_flush(id);
+    }
+
+    /// Closes the socket now.
+    pub(crate) fn drop_conn(&mut self, id: ConnId, reason: Reason) {
+        let Some(mut c) = self.conns.try_remove(id.0) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let reason = match c.reason {
+            Some(r) => r, // counted in begin_close
+            None => {
+                self.metrics.disconnect(reason);
+                reason
+            }
+        };
+        if matches!(reason, Reason::Http) {
+            debug!("conn={} peer={} closed: {}", id.0, c.peer, reason.label());
+        } else {
+            info!("conn={} peer={} closed: {}", id.0, c.peer, reason.label());
+        }
+        for i in self.hub.leave_all(id) {
+            self.interest(i);
+        }
+    }
+
+    pub(super) fn interest(&mut self, i: Interest) {
+        self.bus.interest(i);
+    }
+
+    pub(crate) fn set_deadline(&mut self, id: ConnId, at: Instant) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        c.deadline = Some(at);
+        self.timers.push(Reverse((at, id.0, c.serial)));
+    }
+
+    pub(super) fn run_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, key, serial))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conns.get(key) else {
+                continue;
+            };
+            if c.serial != serial || c.deadline.is_none_or(|d| d > now) {
+                continue; // stale: the connection moved on
+            }
+            self.on_deadline(ConnId(key), now);
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.cfg.ping_interval;
+            self.ping_sweep();
+        }
+    }
+
+    pub(super) fn on_deadline(&mut self, id: ConnId, now: Instant) {
+        let Some(c) = self.conns.get(id.0) else {
+            return;
+        };
+        match c.phase {
+            Phase::Closing => self.drop_conn(id, Reason::ClientClose),
+            Phase::AwaitSub { .. } => {
+                info!(
+                    "conn={} peer={} upgrade refused: channel not subscribed in time",
+                    id.0, c.peer
+                );
+                self.metrics.reject(Rejection::RedisUnavailable);
+                let resp = crate::http::Response::text(503, "redis unavailable");
+                self.begin_close(
+                    id,
+                    Reason::HandshakeTimeout,
+                    Some(resp.encode(false, false)),
+                    now,
+                );
+            }
+            Phase::Http | Phase::Body { .. } => {
+                if !c.inbuf.is_empty() || matches!(c.phase, Phase::Body { .. }) {
+                    self.metrics.reject(Rejection::Timeout);
+                }
+                debug!("conn={} peer={} handshake/idle timeout", id.0, c.peer);
+                self.drop_conn(id, Reason::HandshakeTimeout);
+            }
+            Phase::Open => {}
+        }
+    }
+
+    /// Keepalive: drop open connections silent since the last sweep; ping the rest.
+    pub(super) fn ping_sweep(&mut self) {
+        let mut dead = Vec::new();
+        let mut ping = Vec::new();
+        for (k, c) in self.conns.iter_mut() {
+            if !c.is_open() {
+                continue;
+            }
+            if c.alive {
+                c.alive = false;
+                ping.push(ConnId(k));
+            } else {
+                dead.push(ConnId(k));
+            }
+        }
+        for id in dead {
+            self.drop_conn(id, Reason::PingTimeout);
+        }
+        let frame = self.ping_frame.clone();
+        for id in ping {
+            self.queue(id, frame.clone());
+        }
+    }
+
+    pub(super) fn on_signal(&mut self, now: Instant) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let got: Vec<i32> = signals.pending().collect();
+        for sig in got {
+            if self.shutdown_deadline.is_some() {
+                warn!("second signal ({sig}): exiting now");
+                std::process::exit(130);
+            }
+            info!(
+                "signal {sig}: shutting down (closing {} connections)",
+                self.conns.len()
+            );
+            crate::notify::send("STOPPING=1");
+            self.begin_shutdown(now);
+        }
+    }
+
+    pub(super) fn begin_shutdown(&mut self, now: Instant) {
+        self.shutdown_deadline = Some(now + self.cfg.shutdown_timeout);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let ids: Vec<ConnId> = self.conns.iter().map(|(k, _)| ConnId(k)).collect();
+        let bye = ws::close_frame(1001, "server shutting down");
+        for id in ids {
+            let Some(c) = self.conns.get(id.0) else {
+                continue;
+            };
+            match c.phase {
+                Phase::Open => self.begin_close(id, Reason::Shutdown, Some(bye.clone()), now),
+                Phase::AwaitSub { .. } => {
+                    let resp = crate::http::Response::text(503, "shutting down");
+                    self.begin_close(id, Reason::Shutdown, Some(resp.encode(false, false)), now);
+                }
+                Phase::Http | Phase::Body { .. } if c.out.is_empty() => {
+                    self.drop_conn(id, Reason::Shutdown)
+                }
+                Phase::Http | Phase::Body { .. } => {
+                    self.begin_close(id, Reason::Shutdown, None, now)
+                }
+                Phase::Closing => {}
+            }
+        }
+    }
+
+    pub(super) fn shutdown_done(&self, now: Instant) -> bool {
+        match self.shutdown_deadline {
+            None => false,
+            Some(d) => now >= d || (self.conns.is_empty() && self.bus.pending() == 0),
+        }
+    }
+}

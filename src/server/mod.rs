@@ -1,0 +1,302 @@
+//! The event loop: one mio `Poll` on one thread drives the listener, every client
+//! connection, the Redis links and the signal pipe.
+//!
+//! One iteration: poll → handle readiness (accept, read, decode, publish) → drain the
+//! backplane (fan out deliveries, release held upgrades) → close slow consumers → run
+//! timers → write Redis commands → flush every connection with queued output once
+//! (WRITABLE interest only for leftovers) → poll again.
+//!
+//! This file owns the loop, accepting and the poll timeout; [`read`] turns bytes into
+//! requests and publishes, [`fanout`] queues and writes, [`lifecycle`] closes
+//! connections, runs timers and the staged shutdown. HTTP routing is in `routes`.
+
+mod fanout;
+mod lifecycle;
+mod read;
+
+use crate::bus::{Bus, BusEvent};
+use crate::config::Config;
+use crate::conn::{Conn, Phase, Reason};
+use crate::hub::{ConnId, Hub, Interest};
+use crate::metrics::{Metrics, Rejection};
+use crate::outq::{Flushed, WriteStats};
+use crate::redis_link::RedisLink;
+use crate::static_files::Files;
+use crate::ws::{self, Kind};
+use bytes::Bytes;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest as Ready, Poll, Token};
+use slab::Slab;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Reserved tokens, at the top of the range so they never meet a slab key.
+pub const LISTENER: Token = Token(usize::MAX - 1);
+pub const SIGNALS: Token = Token(usize::MAX - 2);
+pub const REDIS_SUB: Token = Token(usize::MAX - 3);
+pub const REDIS_PUB: Token = Token(usize::MAX - 4);
+
+/// Shared read buffer: every socket is read into this, so idle connections own none.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Bytes read from one connection per readiness event before others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Bytes written to one connection per iteration before others get their turn.
+const WRITE_BUDGET: usize = 1024 * 1024;
+/// How long a closing connection waits for the peer to close after our last bytes
+/// went out (so a final response or close frame is not destroyed by a reset).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Connections accepted over `max_connections` only to be told 503; beyond this many
+/// they are dropped without a word.
+const REJECT_RESERVE: usize = 64;
+/// Readiness events handled per poll call.
+const EVENTS_CAPACITY: usize = 1024;
+/// A WebSocket connection still waiting for its 101 buffers at most this much input.
+const MAX_EARLY_INPUT: usize = 64 * 1024;
+
+pub struct Server {
+    pub(crate) cfg: Config,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    pub(crate) conns: Slab<Conn>,
+    pub(crate) hub: Hub,
+    pub(crate) bus: Bus,
+    pub(crate) metrics: Metrics,
+    pub(crate) files: Files,
+    scratch: Vec<u8>,
+    /// Connections with output queued this iteration (flushed once, before polling).
+    flush_list: Vec<ConnId>,
+    /// Connections that hit the read budget and still have input waiting.
+    reread: Vec<ConnId>,
+    /// Connections found over `max_outbound_bytes` during a fan-out.
+    slow: Vec<ConnId>,
+    /// Deadlines: (when, slab key, serial). Stale entries are skipped when they fire.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    next_serial: u64,
+    next_ping: Instant,
+    accept_retry: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+    bus_events: Vec<BusEvent>,
+    ws_events: Vec<ws::Event>,
+    ping_frame: Bytes,
+    write_stats: WriteStats,
+    /// Called once when the server is ready (listening and, with Redis, subscribed).
+    on_ready: Option<Box<dyn FnOnce()>>,
+}
+
+impl Server {
+    /// Binds the listener and sets everything up; nothing is accepted until [`run`].
+    pub fn bind(cfg: Config) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = crate::listen::bind(&cfg)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Ready::READABLE)?;
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Ready::READABLE)?;
+        let bus = match &cfg.redis {
+            Some(url) => Bus::Redis(Box::new(
+                RedisLink::new(url, &cfg).map_err(io::Error::other)?,
+            )),
+            None => Bus::Local(Default::default()),
+        };
+        let now = Instant::now();
+        Ok(Server {
+            next_ping: now + cfg.ping_interval,
+            files: match &cfg.static_dir {
+                Some(d) => Files::Dir(d.clone()),
+                None => Files::Embedded,
+            },
+            cfg,
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals: Some(signals),
+            conns: Slab::new(),
+            hub: Hub::new(),
+            bus,
+            metrics: Metrics::default(),
+            scratch: vec![0; SCRATCH_BYTES],
+            flush_list: Vec::new(),
+            reread: Vec::new(),
+            slow: Vec::new(),
+            timers: BinaryHeap::new(),
+            next_serial: 0,
+            accept_retry: None,
+            shutdown_deadline: None,
+            bus_events: Vec::new(),
+            ws_events: Vec::new(),
+            ping_frame: ws::ping_frame(),
+            write_stats: WriteStats::default(),
+            on_ready: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Sets a callback run once the server is ready to serve (systemd notify).
+    pub fn on_ready(&mut self, f: Box<dyn FnOnce()>) {
+        self.on_ready = Some(f);
+    }
+
+    /// Runs until a graceful shutdown completes. A second signal exits at once (130).
+    pub fn run(mut self) -> io::Result<()> {
+        let mode = match &self.bus {
+            Bus::Local(_) => "standalone (no Redis)".to_string(),
+            Bus::Redis(r) => format!(
+                "redis {} prefix={:?}",
+                r.target_display(),
+                self.cfg.channel_prefix
+            ),
+        };
+        info!("listening on {} mode={}", self.local_addr, mode);
+        info!(
+            "limits: max_connections={} max_message_size={} max_outbound_bytes={} handshake_timeout={:?} \
+             ping_interval={:?} max_messages_per_sec={} max_messages_burst={} redis_buffer_messages={} redis_buffer_bytes={}",
+            self.cfg.max_connections,
+            self.cfg.max_message_size,
+            self.cfg.max_outbound_bytes,
+            self.cfg.handshake_timeout,
+            self.cfg.ping_interval,
+            self.cfg.max_messages_per_sec,
+            self.cfg.max_messages_burst,
+            self.cfg.redis_buffer_messages,
+            self.cfg.redis_buffer_bytes,
+        );
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        let mut now = Instant::now();
+        self.bus.tick(self.poll.registry(), now);
+        loop {
+            let timeout = self.poll_timeout(now);
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(now),
+                    SIGNALS => self.on_signal(now),
+                    REDIS_SUB | REDIS_PUB => self.bus.on_event(self.poll.registry(), ev, now),
+                    Token(k) => self.on_conn_event(ConnId(k), ev, now),
+                }
+            }
+            self.iterate(now);
+            self.metrics.loop_iteration(now.elapsed());
+            if self.shutdown_done(now) {
+                info!("shutdown complete");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Everything after readiness handling: one pass, in a fixed order.
+    fn iterate(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.reread) {
+            self.on_readable(id, now);
+        }
+        if self.accept_retry.is_some_and(|t| t <= now) {
+            self.accept_retry = None;
+            self.accept(now);
+        }
+        self.drain_bus(now);
+        self.close_slow_consumers(now);
+        self.run_timers(now);
+        self.bus.tick(self.poll.registry(), now);
+        // Deliveries can arrive during tick (a Redis link came back with buffered data).
+        self.drain_bus(now);
+        self.close_slow_consumers(now);
+        self.flush_all();
+        self.notify_ready_once();
+    }
+
+    fn notify_ready_once(&mut self) {
+        if self.on_ready.is_some() && self.bus.ready().is_ok() {
+            if let Some(f) = self.on_ready.take() {
+                f();
+            }
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.flush_list.is_empty() || !self.reread.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.next_ping;
+        let candidates = [
+            self.timers.peek().map(|Reverse((t, _, _))| *t),
+            self.bus.next_deadline(),
+            self.shutdown_deadline,
+            self.accept_retry,
+        ];
+        for t in candidates.into_iter().flatten() {
+            next = next.min(t);
+        }
+        // Round up so we do not wake a hair early and spin.
+        Some(next.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    // ---- accepting ----------------------------------------------------------------
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.on_accept(stream, peer, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: the backlog keeps the rest; try again shortly
+                    // (edge-triggered: no new event would come for them).
+                    warn!("accept failed: {e}; retrying in 100 ms");
+                    self.accept_retry = Some(now + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_accept(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if self.conns.len() >= self.cfg.max_connections + REJECT_RESERVE {
+            self.metrics.reject(Rejection::TooManyConnections);
+            return; // dropped: the reserve for polite refusals is full too
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let id = ConnId(entry.key());
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(id.0), Ready::READABLE)
+        {
+            warn!("conn={} peer={peer} register failed: {e}", id.0);
+            return;
+        }
+        self.next_serial += 1;
+        entry.insert(Conn::new(stream, peer, self.next_serial, now));
+        self.metrics.connections_total += 1;
+        if self.conns.len() > self.cfg.max_connections || self.shutdown_deadline.is_some() {
+            debug!("conn={} peer={peer} refused: too many connections", id.0);
+            self.metrics.reject(Rejection::TooManyConnections);
+            let resp = crate::http::Response::text(503, "too many connections");
+            self.begin_close(id, Reason::Rejected, Some(resp.encode(false, false)), now);
+            return;
+        }
+        debug!("conn={} peer={peer} accepted", id.0);
+        self.set_deadline(id, now + self.cfg.handshake_timeout);
+    }
+}

@@ -1,0 +1,159 @@
+//! Reading: bytes from a socket into requests, frames and publishes.
+
+use super::*;
+
+impl Server {
+    pub(super) fn on_conn_event(&mut self, id: ConnId, ev: &mio::event::Event, now: Instant) {
+        if !self.conns.contains(id.0) {
+            return; // spurious: closed earlier in this batch
+        }
+        if ev.is_writable() {
+            self.mark_flush(id);
+        }
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            self.on_readable(id, now);
+        }
+    }
+
+    pub(super) fn on_readable(&mut self, id: ConnId, now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut budget = READ_BUDGET;
+        while let Some(c) = self.conns.get_mut(id.0) {
+            match c.stream.read(&mut scratch) {
+                Ok(0) => {
+                    self.on_eof(id);
+                    break;
+                }
+                Ok(n) => {
+                    self.on_bytes(id, &mut scratch[..n], now);
+                    if n >= budget {
+                        self.reread.push(id);
+                        break;
+                    }
+                    budget -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("conn={} read error: {e}", id.0);
+                    self.drop_conn(id, Reason::PeerGone);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    pub(super) fn on_eof(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get(id.0) else {
+            return;
+        };
+        let reason = match c.phase {
+            Phase::Closing => c.reason.unwrap_or(Reason::ClientClose),
+            Phase::Open => Reason::PeerGone,
+            _ => Reason::Http,
+        };
+        self.drop_conn(id, reason);
+    }
+
+    pub(super) fn on_bytes(&mut self, id: ConnId, data: &mut [u8], now: Instant) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        match c.phase {
+            Phase::Closing => {}
+            Phase::Open => {
+                c.alive = true;
+                self.on_ws_bytes(id, data, now);
+            }
+            Phase::AwaitSub { .. } => {
+                if c.inbuf.len() + data.len() > MAX_EARLY_INPUT + self.cfg.max_message_size {
+                    self.drop_conn(id, Reason::ProtocolError);
+                } else {
+                    c.inbuf.extend_from_slice(data);
+                }
+            }
+            Phase::Http | Phase::Body { .. } => {
+                c.inbuf.extend_from_slice(data);
+                self.process_http(id, now);
+            }
+        }
+    }
+
+    pub(super) fn on_ws_bytes(&mut self, id: ConnId, data: &mut [u8], now: Instant) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        let max = self.cfg.max_message_size;
+        let mut events = std::mem::take(&mut self.ws_events);
+        let result = if c.inbuf.is_empty() {
+            let r = c.decoder.decode(data, max, &mut events);
+            if let Ok(k) = r {
+                c.inbuf.extend_from_slice(&data[k..]);
+            }
+            r
+        } else {
+            c.inbuf.extend_from_slice(data);
+            let r = c.decoder.decode(&mut c.inbuf, max, &mut events);
+            if let Ok(k) = r {
+                c.inbuf.drain(..k);
+                if c.inbuf.is_empty() {
+                    c.inbuf = Vec::new(); // idle connections hold no buffer
+                }
+            }
+            r
+        };
+        for ev in events.drain(..) {
+            if !self.conns.get(id.0).is_some_and(Conn::is_open) {
+                break;
+            }
+            self.on_ws_event(id, ev, now);
+        }
+        self.ws_events = events;
+        if let Err(v) = result {
+            let reason = match v {
+                ws::Violation::Protocol => Reason::ProtocolError,
+                ws::Violation::InvalidUtf8 => Reason::InvalidUtf8,
+                ws::Violation::TooBig => Reason::TooBig,
+            };
+            let text = match v {
+                ws::Violation::Protocol => "protocol error",
+                ws::Violation::InvalidUtf8 => "invalid utf-8",
+                ws::Violation::TooBig => "message too big",
+            };
+            self.begin_close(id, reason, Some(ws::close_frame(v.close_code(), text)), now);
+        }
+    }
+
+    pub(super) fn on_ws_event(&mut self, id: ConnId, ev: ws::Event, now: Instant) {
+        match ev {
+            ws::Event::Message(kind, payload) => self.on_message(id, kind, payload, now),
+            ws::Event::Ping(p) => self.queue(id, ws::pong_frame(p)),
+            ws::Event::Pong => {}
+            ws::Event::Close { reply, code } => {
+                debug!("conn={} sent close {code:?}", id.0);
+                self.begin_close(id, Reason::ClientClose, Some(reply), now);
+            }
+        }
+    }
+
+    pub(super) fn on_message(&mut self, id: ConnId, kind: Kind, payload: Bytes, now: Instant) {
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        if !c.take_token(
+            now,
+            self.cfg.max_messages_per_sec,
+            self.cfg.max_messages_burst,
+        ) {
+            info!("conn={} peer={} over its message rate", id.0, c.peer);
+            let frame = ws::close_frame(1008, "rate limit exceeded");
+            self.begin_close(id, Reason::RateLimit, Some(frame), now);
+            return;
+        }
+        self.metrics.messages_received += 1;
+        if let Some(channel) = self.hub.channels_of(id).next() {
+            self.bus.publish(channel, kind, payload);
+        }
+    }
+}
