@@ -335,3 +335,60 @@ fn clients_stay_connected_through_an_outage() {
     }
     assert_eq!(seen.len(), 10);
 }
+
+#[test]
+fn large_messages_cross_instances_intact_through_partial_reads() {
+    // 60 KB payloads arrive from Redis in many partial reads: the incremental parser
+    // must resume mid-value every time.
+    let redis = Redis::start();
+    let a = instance(&redis, &["--max-message-size", "65536"]);
+    let b = instance(&redis, &["--max-message-size", "65536"]);
+    let mut on_a = connect(&a.url("/ws/big"));
+    let mut on_b = connect(&b.url("/ws/big"));
+    let msgs: Vec<Vec<u8>> = (0..40u8)
+        .map(|i| (0..60_000).map(|j| (j as u8) ^ i).collect())
+        .collect();
+    // Batches of 10 (600 KB) stay under the 1 MiB output cap of a client that is not
+    // reading while it sends.
+    for batch in msgs.chunks(10) {
+        for m in batch {
+            on_a.send(Message::binary(m.clone())).unwrap();
+        }
+        for ws in [&mut on_a, &mut on_b] {
+            for m in batch {
+                assert_eq!(recv(ws), Message::binary(m.clone()));
+            }
+        }
+    }
+}
+
+#[test]
+fn unix_socket_url_and_password_work() {
+    let sock = std::env::temp_dir().join(format!("wsfan-redis-{}.sock", std::process::id()));
+    let sock_s = sock.to_str().unwrap().to_string();
+    let redis = Redis::start_with(&["--unixsocket", &sock_s, "--requirepass", "pw"]);
+    let a = Wsfan::start(&["--redis", &format!("unix://{sock_s}?pass=pw")]);
+    eventually(10.0, "ready over the unix socket", || {
+        a.status("/readyz") == 200
+    });
+    // The log names the target without the password.
+    assert!(
+        !a.log().contains("pw@") && !a.log().contains("=pw"),
+        "{}",
+        a.log()
+    );
+    let mut c = connect(&a.url("/ws/u"));
+    send_text(&mut c, "via unix socket");
+    assert_eq!(recv_text(&mut c), "via unix socket");
+    // A wrong password: clear log, never ready, keeps retrying.
+    let b = Wsfan::start(&[
+        "--redis",
+        &format!("unix://{sock_s}?pass=wrong"),
+        "--redis-backoff-max",
+        "0.2",
+    ]);
+    b.wait_log("login refused", 10.0);
+    assert_eq!(b.status("/readyz"), 503);
+    drop(redis);
+    let _ = std::fs::remove_file(sock);
+}

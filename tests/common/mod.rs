@@ -229,10 +229,14 @@ impl Redis {
         self.child = Some(child);
         let port = self.port;
         eventually(10.0, "redis-server answers PING", || {
-            redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            // Up when it answers at all (NOAUTH counts: a password is set).
+            match redis::Client::open(format!("redis://127.0.0.1:{port}/"))
                 .and_then(|c| c.get_connection())
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                .is_ok()
+            {
+                Ok(_) => true,
+                Err(e) => e.to_string().contains("NOAUTH"),
+            }
         });
     }
 
