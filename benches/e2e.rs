@@ -160,6 +160,10 @@ fn start_wsfan(extra: &[&str]) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
+/// Connections per loopback source address: few enough that the kernel's search for a
+/// free ephemeral port stays short (it slows down as a source address fills up).
+const PER_SOURCE_IP: usize = 5_000;
+
 /// A client socket bound to a loopback source address chosen for connection `i`, with
 /// the port picked at connect time (IP_BIND_ADDRESS_NO_PORT) so TIME_WAIT ports from
 /// earlier runs can be reused: >28k connections and repeated runs both fit.
@@ -167,8 +171,8 @@ fn client_socket(i: usize) -> Socket {
     let base = 1 + (std::process::id() % 200) as usize;
     let src: SocketAddr = format!(
         "127.{base}.{}.{}:0",
-        i / 25_000 / 250,
-        2 + (i / 25_000) % 250
+        i / PER_SOURCE_IP / 250,
+        2 + (i / PER_SOURCE_IP) % 250
     )
     .parse()
     .expect("src");
