@@ -405,3 +405,44 @@ fn pipelined_requests_without_reading_hit_the_output_cap() {
     assert!(s.rss_kb() < 64 * 1024, "RSS {} KiB", s.rss_kb());
     assert_eq!(s.status("/healthz"), 200);
 }
+
+/// A raw WebSocket client that completes the upgrade and then ignores everything.
+fn deaf_client(s: &Wsfan) -> TcpStream {
+    let mut raw = TcpStream::connect(s.addr).unwrap();
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+    let n = raw.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    raw
+}
+
+#[test]
+fn shutdown_gives_up_on_deaf_clients_at_the_timeout_and_exits_0() {
+    let mut s = Wsfan::start(&["--shutdown-timeout", "1"]);
+    let _deaf = deaf_client(&s);
+    s.signal("TERM");
+    let start = Instant::now();
+    assert_eq!(s.wait_exit(10.0).code(), Some(0));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn second_signal_exits_at_once_with_130() {
+    let mut s = Wsfan::start(&["--shutdown-timeout", "60"]);
+    let _deaf = deaf_client(&s);
+    s.signal("TERM");
+    s.wait_log("shutting down", 5.0);
+    s.signal("INT");
+    let start = Instant::now();
+    assert_eq!(s.wait_exit(10.0).code(), Some(130));
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

@@ -392,3 +392,30 @@ fn unix_socket_url_and_password_work() {
     drop(redis);
     let _ = std::fs::remove_file(sock);
 }
+
+#[test]
+fn subscription_link_is_drained_fast_enough_for_a_strict_redis_output_limit() {
+    // Redis drops a Pub/Sub client whose output buffer passes 64 KB for 1 s: wsfan must
+    // read its subscription socket promptly while a burst arrives.
+    let redis = Redis::start_with(&["--client-output-buffer-limit", "pubsub 256kb 64kb 1"]);
+    let a = instance(&redis, &[]);
+    let mut ws = connect(&a.url("/ws/burst"));
+    eventually(5.0, "subscribed", || redis.numsub("burst") == 1);
+    let payload = vec![b'p'; 1000];
+    let mut pipe = redis::pipe();
+    for _ in 0..600 {
+        pipe.cmd("PUBLISH").arg("burst").arg(&payload[..]).ignore();
+    }
+    let _: () = pipe.query(&mut redis.conn()).unwrap();
+    for _ in 0..600 {
+        assert_eq!(
+            recv(&mut ws),
+            Message::text(String::from_utf8(payload.clone()).unwrap())
+        );
+    }
+    assert_eq!(
+        a.metric("wsfan_redis_reconnects_total"),
+        0.0,
+        "Redis never cut us off"
+    );
+}
