@@ -19,13 +19,21 @@ pub enum Phase {
     Body { head: Box<Head>, need: usize },
     /// Upgrade accepted; the 101 `response` is held until the channel is subscribed
     /// at Redis, so "101" means "you will receive everything published from now on".
-    AwaitSub { response: Bytes, channel: Box<str> },
+    AwaitSub(Box<Held>),
     /// WebSocket open.
     Open,
     /// Last bytes queued. Once they are written the write side is shut down and reads
     /// are discarded until the peer closes or the linger deadline passes, so the final
     /// response or close frame is not lost to a TCP reset.
     Closing,
+}
+
+/// An accepted upgrade waiting for its channel's subscription (boxed: rare and short,
+/// so it does not widen every connection's `Phase`).
+#[derive(Debug)]
+pub struct Held {
+    pub response: Bytes,
+    pub channel: Box<str>,
 }
 
 /// Why a connection ended (the `reason` label of `wsfan_disconnects_total`).

@@ -13,7 +13,11 @@ const MAX_IOVECS: usize = 128;
 
 #[derive(Debug, Default)]
 pub struct OutQueue {
-    frames: VecDeque<Bytes>,
+    /// The front frame, kept inline: a connection with one frame queued (the broadcast
+    /// case) needs no allocation. Invariant: `None` only when `rest` is empty too.
+    front: Option<Bytes>,
+    /// The frames after `front`; allocated only while more than one frame waits.
+    rest: VecDeque<Bytes>,
     /// Bytes of the front frame already written.
     head_written: usize,
     /// Unwritten bytes in the queue (what limits count).
@@ -37,7 +41,11 @@ impl OutQueue {
             return;
         }
         self.queued += frame.len();
-        self.frames.push_back(frame);
+        if self.front.is_none() {
+            self.front = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
     }
 
     /// Unwritten bytes.
@@ -58,23 +66,20 @@ impl OutQueue {
         stats: &mut WriteStats,
     ) -> io::Result<Flushed> {
         let mut written_total = 0;
-        while !self.is_empty() {
+        while let Some(front) = &self.front {
             if written_total >= max_bytes {
                 return Ok(Flushed::Capped);
             }
-            let result = if self.frames.len() == 1 {
+            let head = &front[self.head_written..];
+            let result = if self.rest.is_empty() {
                 // The common broadcast case: one frame, plain write(2).
-                w.write(&self.frames[0][self.head_written..])
+                w.write(head)
             } else {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let mut n = 0;
-                for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-                    let part = if i == 0 {
-                        &f[self.head_written..]
-                    } else {
-                        &f[..]
-                    };
-                    slices[n] = IoSlice::new(part);
+                slices[0] = IoSlice::new(head);
+                let mut n = 1;
+                for f in self.rest.iter().take(MAX_IOVECS - 1) {
+                    slices[n] = IoSlice::new(f);
                     n += 1;
                 }
                 w.write_vectored(&slices[..n])
@@ -98,22 +103,22 @@ impl OutQueue {
     fn advance(&mut self, mut k: usize) {
         self.queued -= k;
         while k > 0 {
-            let Some(front) = self.frames.front() else {
+            let Some(front) = &self.front else {
                 return;
             };
             let left = front.len() - self.head_written;
             if k >= left {
                 k -= left;
-                self.frames.pop_front();
+                self.front = self.rest.pop_front();
                 self.head_written = 0;
             } else {
                 self.head_written += k;
                 k = 0;
             }
         }
-        if self.frames.is_empty() {
-            // Drained: give the memory back, so an idle connection holds nothing.
-            self.frames = VecDeque::new();
+        if self.rest.is_empty() && self.rest.capacity() > 0 {
+            // A burst drained: give the ring back, so an idle connection holds nothing.
+            self.rest = VecDeque::new();
         }
     }
 

@@ -1,7 +1,7 @@
 //! What each HTTP request gets: upgrades, static files, health, metrics, publish API.
 //! Every refusal is answered with a status and costs nothing but that connection.
 
-use crate::conn::{Phase, Reason};
+use crate::conn::{Held, Phase, Reason};
 use crate::http::{self, Head, Response};
 use crate::hub::{valid_channel_name, ConnId};
 use crate::metrics::Rejection;
@@ -182,10 +182,10 @@ impl Server {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };
-        c.phase = Phase::AwaitSub {
+        c.phase = Phase::AwaitSub(Box::new(Held {
             response,
             channel: channel.into(),
-        };
+        }));
         if subscribed {
             self.open_ws(id, now);
         }

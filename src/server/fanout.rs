@@ -81,7 +81,7 @@ impl Server {
             .copied()
             .filter(|m| {
                 self.conns.get(m.0).is_some_and(
-                    |c| matches!(&c.phase, Phase::AwaitSub { channel: ch, .. } if &**ch == channel),
+                    |c| matches!(&c.phase, Phase::AwaitSub(h) if &*h.channel == channel),
                 )
             })
             .collect();
@@ -95,16 +95,18 @@ impl Server {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };
-        let Phase::AwaitSub { response, channel } = std::mem::replace(&mut c.phase, Phase::Open)
-        else {
+        let Phase::AwaitSub(held) = std::mem::replace(&mut c.phase, Phase::Open) else {
             return;
         };
         c.deadline = None;
         c.alive = true;
         c.tokens = self.cfg.max_messages_burst as f32;
         c.refilled = now;
-        info!("conn={} peer={} joined channel={channel}", id.0, c.peer);
-        self.queue(id, response);
+        info!(
+            "conn={} peer={} joined channel={}",
+            id.0, c.peer, held.channel
+        );
+        self.queue(id, held.response);
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };

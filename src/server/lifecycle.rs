@@ -95,7 +95,7 @@ impl Server {
         };
         match c.phase {
             Phase::Closing => self.drop_conn(id, Reason::ClientClose),
-            Phase::AwaitSub { .. } => {
+            Phase::AwaitSub(_) => {
                 info!(
                     "conn={} peer={} upgrade refused: channel not subscribed in time",
                     id.0, c.peer
@@ -176,7 +176,7 @@ impl Server {
             };
             match c.phase {
                 Phase::Open => self.begin_close(id, Reason::Shutdown, Some(bye.clone()), now),
-                Phase::AwaitSub { .. } => {
+                Phase::AwaitSub(_) => {
                     let resp = crate::http::Response::text(503, "shutting down");
                     self.begin_close(id, Reason::Shutdown, Some(resp.encode(false, false)), now);
                 }

@@ -66,7 +66,7 @@ impl Server {
                 c.alive = true;
                 self.on_ws_bytes(id, data, now);
             }
-            Phase::AwaitSub { .. } => {
+            Phase::AwaitSub(_) => {
                 if c.inbuf.len() + data.len() > MAX_EARLY_INPUT + self.cfg.max_message_size {
                     self.drop_conn(id, Reason::ProtocolError);
                 } else {
