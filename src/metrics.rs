@@ -85,125 +85,127 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
+        let plain: [(&str, &str, &str, u64); 13] = [
+            (
+                "wsfan_connections",
+                "gauge",
+                "Open connections (HTTP and WebSocket).",
+                connections as u64,
+            ),
+            (
+                "wsfan_connections_total",
+                "counter",
+                "Connections accepted.",
+                self.connections_total,
+            ),
+            (
+                "wsfan_messages_received_total",
+                "counter",
+                "Messages received from WebSocket clients and the publish API.",
+                self.messages_received,
+            ),
+            (
+                "wsfan_messages_published_total",
+                "counter",
+                "Messages handed to the backplane (Redis PUBLISH, or local).",
+                bus.published,
+            ),
+            (
+                "wsfan_messages_delivered_total",
+                "counter",
+                "Messages queued to WebSocket clients (one per recipient).",
+                self.messages_delivered,
+            ),
+            (
+                "wsfan_bytes_sent_total",
+                "counter",
+                "Bytes written to client sockets.",
+                self.bytes_sent,
+            ),
+            (
+                "wsfan_write_calls_total",
+                "counter",
+                "write/writev calls on client sockets.",
+                self.write_calls,
+            ),
+            (
+                "wsfan_channels",
+                "gauge",
+                "Channels with local members.",
+                channels as u64,
+            ),
+            (
+                "wsfan_redis_up",
+                "gauge",
+                "1 while the Redis links are up and subscribed (1 standalone).",
+                u64::from(bus.up),
+            ),
+            (
+                "wsfan_redis_reconnects_total",
+                "counter",
+                "Redis link reconnects.",
+                bus.reconnects,
+            ),
+            (
+                "wsfan_redis_buffer_messages",
+                "gauge",
+                "Messages waiting to be published to Redis.",
+                bus.buffered_messages as u64,
+            ),
+            (
+                "wsfan_redis_buffer_bytes",
+                "gauge",
+                "Bytes waiting to be published to Redis.",
+                bus.buffered_bytes as u64,
+            ),
+            (
+                "wsfan_redis_buffer_dropped_total",
+                "counter",
+                "Messages dropped because the outage buffer was full.",
+                bus.dropped,
+            ),
+        ];
         let mut s = String::with_capacity(4096);
-        let mut one = |name: &str, kind: &str, help: &str, v: String| {
+        for (name, kind, help, v) in plain {
             let _ = write!(
                 s,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
             );
-        };
-        one(
-            "wsfan_connections",
-            "gauge",
-            "Open connections (HTTP and WebSocket).",
-            connections.to_string(),
-        );
-        one(
-            "wsfan_connections_total",
-            "counter",
-            "Connections accepted.",
-            self.connections_total.to_string(),
-        );
-        one(
-            "wsfan_messages_received_total",
-            "counter",
-            "Messages received from WebSocket clients and the publish API.",
-            self.messages_received.to_string(),
-        );
-        one(
-            "wsfan_messages_published_total",
-            "counter",
-            "Messages handed to the backplane (Redis PUBLISH, or local).",
-            bus.published.to_string(),
-        );
-        one(
-            "wsfan_messages_delivered_total",
-            "counter",
-            "Messages queued to WebSocket clients (one per recipient).",
-            self.messages_delivered.to_string(),
-        );
-        one(
-            "wsfan_bytes_sent_total",
-            "counter",
-            "Bytes written to client sockets.",
-            self.bytes_sent.to_string(),
-        );
-        one(
-            "wsfan_write_calls_total",
-            "counter",
-            "write/writev calls on client sockets.",
-            self.write_calls.to_string(),
-        );
-        one(
-            "wsfan_channels",
-            "gauge",
-            "Channels with local members.",
-            channels.to_string(),
-        );
-        one(
-            "wsfan_redis_up",
-            "gauge",
-            "1 while the Redis links are up and subscribed (1 standalone).",
-            u8::from(bus.up).to_string(),
-        );
-        one(
-            "wsfan_redis_reconnects_total",
-            "counter",
-            "Redis link reconnects.",
-            bus.reconnects.to_string(),
-        );
-        one(
-            "wsfan_redis_buffer_messages",
-            "gauge",
-            "Messages waiting to be published to Redis.",
-            bus.buffered_messages.to_string(),
-        );
-        one(
-            "wsfan_redis_buffer_bytes",
-            "gauge",
-            "Bytes waiting to be published to Redis.",
-            bus.buffered_bytes.to_string(),
-        );
-        one(
-            "wsfan_redis_buffer_dropped_total",
-            "counter",
-            "Messages dropped because the outage buffer was full.",
-            bus.dropped.to_string(),
-        );
-        let _ = write!(s, "# HELP wsfan_handshake_rejections_total Requests and upgrades refused, by reason.\n# TYPE wsfan_handshake_rejections_total counter\n");
-        for r in Rejection::ALL {
-            let _ = writeln!(
-                s,
-                "wsfan_handshake_rejections_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.rejections[r as usize]
-            );
         }
-        let _ = write!(s, "# HELP wsfan_disconnects_total Connections ended, by reason.\n# TYPE wsfan_disconnects_total counter\n");
-        for r in Reason::ALL {
-            let _ = writeln!(
-                s,
-                "wsfan_disconnects_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.disconnects[r as usize]
-            );
-        }
-        let _ = write!(s, "# HELP wsfan_loop_iteration_seconds Time spent handling one poll wake-up.\n# TYPE wsfan_loop_iteration_seconds histogram\n");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "wsfan_loop_iteration_seconds_bucket{{le=\"{b}\"}} {}",
-                self.loop_buckets[i]
-            );
-        }
-        let _ = writeln!(
+        let rejections = Rejection::ALL.map(|r| (r.label(), self.rejections[r as usize]));
+        labeled(
+            &mut s,
+            "wsfan_handshake_rejections_total",
+            "Requests and upgrades refused, by reason.",
+            &rejections,
+        );
+        let disconnects = Reason::ALL.map(|r| (r.label(), self.disconnects[r as usize]));
+        labeled(
+            &mut s,
+            "wsfan_disconnects_total",
+            "Connections ended, by reason.",
+            &disconnects,
+        );
+        let h = "wsfan_loop_iteration_seconds";
+        let _ = write!(
             s,
-            "wsfan_loop_iteration_seconds_bucket{{le=\"+Inf\"}} {}",
-            self.loop_count
+            "# HELP {h} Time spent handling one poll wake-up.\n# TYPE {h} histogram\n"
         );
-        let _ = writeln!(s, "wsfan_loop_iteration_seconds_sum {}", self.loop_sum);
-        let _ = writeln!(s, "wsfan_loop_iteration_seconds_count {}", self.loop_count);
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(s, "{h}_bucket{{le=\"{b}\"}} {}", self.loop_buckets[i]);
+        }
+        let _ = writeln!(s, "{h}_bucket{{le=\"+Inf\"}} {}", self.loop_count);
+        let _ = writeln!(s, "{h}_sum {}", self.loop_sum);
+        let _ = writeln!(s, "{h}_count {}", self.loop_count);
         s
+    }
+}
+
+/// A counter family with one `reason` label.
+fn labeled(s: &mut String, name: &str, help: &str, values: &[(&str, u64)]) {
+    let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} counter\n");
+    for (label, v) in values {
+        let _ = writeln!(s, "{name}{{reason=\"{label}\"}} {v}");
     }
 }
 

@@ -243,33 +243,18 @@ fn publish_api_across_two_instances_and_every_error() {
         eventually(10.0, "ready", || s.status("/readyz") == 200);
     }
     let mut on_b = connect(&b.url("/ws/dash"));
-    assert_eq!(
-        post(
-            a.addr,
-            "/publish/dash",
-            Some("k3y"),
-            "text/plain",
-            b"cpu 42%"
-        ),
-        202
-    );
+    let to_a = |key: Option<&str>, ctype: &str, body: &[u8]| {
+        post(a.addr, "/publish/dash", key, ctype, body)
+    };
+    assert_eq!(to_a(Some("k3y"), "text/plain", b"cpu 42%"), 202);
     assert_eq!(recv(&mut on_b), Message::text("cpu 42%"));
     assert_eq!(
-        post(
-            a.addr,
-            "/publish/dash",
-            Some("k3y"),
-            "application/octet-stream",
-            &[1, 2, 3]
-        ),
+        to_a(Some("k3y"), "application/octet-stream", &[1, 2, 3]),
         202
     );
     assert_eq!(recv(&mut on_b), Message::binary(vec![1u8, 2, 3]));
-    assert_eq!(post(a.addr, "/publish/dash", None, "text/plain", b"x"), 401);
-    assert_eq!(
-        post(a.addr, "/publish/dash", Some("wrong"), "text/plain", b"x"),
-        401
-    );
+    assert_eq!(to_a(None, "text/plain", b"x"), 401);
+    assert_eq!(to_a(Some("wrong"), "text/plain", b"x"), 401);
     assert_eq!(
         post(
             a.addr,
@@ -280,26 +265,8 @@ fn publish_api_across_two_instances_and_every_error() {
         ),
         400
     );
-    assert_eq!(
-        post(
-            a.addr,
-            "/publish/dash",
-            Some("k3y"),
-            "text/plain",
-            &[0xff, 0xfe]
-        ),
-        400
-    );
-    assert_eq!(
-        post(
-            a.addr,
-            "/publish/dash",
-            Some("k3y"),
-            "text/plain",
-            &[b'a'; 101]
-        ),
-        413
-    );
+    assert_eq!(to_a(Some("k3y"), "text/plain", &[0xff, 0xfe]), 400);
+    assert_eq!(to_a(Some("k3y"), "text/plain", &[b'a'; 101]), 413);
     let off = Wsfan::start(&[]);
     assert_eq!(
         post(off.addr, "/publish/dash", Some("k3y"), "text/plain", b"x"),
@@ -308,18 +275,9 @@ fn publish_api_across_two_instances_and_every_error() {
     // Outage: accepted into the buffer (2 messages), then 503 when it is full.
     redis.kill();
     eventually(10.0, "a sees redis down", || a.status("/readyz") == 503);
-    assert_eq!(
-        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"q1"),
-        202
-    );
-    assert_eq!(
-        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"q2"),
-        202
-    );
-    assert_eq!(
-        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"q3"),
-        503
-    );
+    assert_eq!(to_a(Some("k3y"), "text/plain", b"q1"), 202);
+    assert_eq!(to_a(Some("k3y"), "text/plain", b"q2"), 202);
+    assert_eq!(to_a(Some("k3y"), "text/plain", b"q3"), 503);
     redis.restart();
     eventually(10.0, "b ready again", || b.status("/readyz") == 200);
     eventually(10.0, "a flushed its buffer", || {
@@ -327,10 +285,7 @@ fn publish_api_across_two_instances_and_every_error() {
     });
     // b came back too; whether it re-subscribed before a flushed is a race Pub/Sub cannot
     // close (no history), so only a fresh message is asserted on b.
-    assert_eq!(
-        post(a.addr, "/publish/dash", Some("k3y"), "text/plain", b"after"),
-        202
-    );
+    assert_eq!(to_a(Some("k3y"), "text/plain", b"after"), 202);
     loop {
         let m = recv(&mut on_b);
         if m == Message::text("after") {

@@ -6,6 +6,16 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tungstenite::Message;
 
+/// Notice a dead Redis link fast and retry fast (test timescales).
+const FAST_FAILOVER: &[&str] = &[
+    "--redis-ping-interval",
+    "0.2",
+    "--redis-timeout",
+    "0.5",
+    "--redis-backoff-max",
+    "0.3",
+];
+
 fn instance(redis: &Redis, extra: &[&str]) -> Wsfan {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str()];
@@ -150,28 +160,8 @@ fn interop_with_plain_redis_publish_and_subscribe() {
 #[test]
 fn redis_restart_loses_nothing_clients_sent_and_readyz_follows() {
     let mut redis = Redis::start();
-    let a = instance(
-        &redis,
-        &[
-            "--redis-ping-interval",
-            "0.2",
-            "--redis-timeout",
-            "0.5",
-            "--redis-backoff-max",
-            "0.3",
-        ],
-    );
-    let b = instance(
-        &redis,
-        &[
-            "--redis-ping-interval",
-            "0.2",
-            "--redis-timeout",
-            "0.5",
-            "--redis-backoff-max",
-            "0.3",
-        ],
-    );
+    let a = instance(&redis, FAST_FAILOVER);
+    let b = instance(&redis, FAST_FAILOVER);
     let mut wa = connect(&a.url("/ws/r"));
     let mut wb = connect(&b.url("/ws/r"));
     send_text(&mut wa, "before");
@@ -293,17 +283,7 @@ fn unreachable_redis_at_startup_is_retried_and_not_served_as_clustered() {
 #[test]
 fn silent_dead_link_is_noticed_by_ping_deadline() {
     let redis = Redis::start();
-    let a = instance(
-        &redis,
-        &[
-            "--redis-ping-interval",
-            "0.2",
-            "--redis-timeout",
-            "0.5",
-            "--redis-backoff-max",
-            "0.3",
-        ],
-    );
+    let a = instance(&redis, FAST_FAILOVER);
     let _c = connect(&a.url("/ws/p"));
     // Redis stops answering anyone for 2 s: no FIN, no RST, just silence.
     let _: () = redis::cmd("CLIENT")
