@@ -399,3 +399,49 @@ fn subscription_link_is_drained_fast_enough_for_a_strict_redis_output_limit() {
         "Redis never cut us off"
     );
 }
+
+#[test]
+fn publishes_in_flight_when_redis_dies_are_sent_again_in_order() {
+    // Redis is paused for writes, so wsfan's PUBLISHes sit unanswered (in flight); then
+    // Redis is killed. wsfan must re-send them after the restart, before newer ones.
+    // (A PUBLISH that Redis already executed but whose subscriber copy it had not yet
+    // written when it died is lost: Pub/Sub is at-most-once, see README.)
+    let mut redis = Redis::start();
+    let a = instance(&redis, &["--redis-backoff-max", "0.3"]);
+    let mut rx = connect(&a.url("/ws/stream"));
+    let mut tx = connect(&a.url("/ws/stream"));
+    for i in 0..100 {
+        send_text(&mut tx, &format!("{i}"));
+    }
+    for i in 0..100 {
+        assert_eq!(recv_text(&mut rx), format!("{i}"));
+    }
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .unwrap();
+    for i in 100..200 {
+        send_text(&mut tx, &format!("{i}"));
+    }
+    eventually(5.0, "publishes in flight", || {
+        a.metric("wsfan_redis_buffer_messages") == 100.0
+    });
+    redis.kill();
+    eventually(10.0, "redis seen down", || a.status("/readyz") == 503);
+    for i in 200..250 {
+        send_text(&mut tx, &format!("{i}"));
+    }
+    redis.restart();
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
+    while seen.len() < 150 {
+        let n: usize = recv_text(&mut rx).parse().unwrap();
+        assert!(n >= 100, "{n} delivered twice");
+        if seen.insert(n) {
+            order.push(n);
+        }
+    }
+    assert_eq!(order, (100..250).collect::<Vec<_>>());
+}
