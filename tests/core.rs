@@ -446,3 +446,60 @@ fn second_signal_exits_at_once_with_130() {
     assert_eq!(s.wait_exit(10.0).code(), Some(130));
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_flooding_client_does_not_starve_the_others() {
+    let s = Wsfan::start(&[
+        "--max-messages-per-sec",
+        "100000000",
+        "--max-messages-burst",
+        "100000000",
+    ]);
+    // A raw client that writes small frames as fast as it can and drains what it gets.
+    let mut flood = deaf_client(&s);
+    let drain = flood.try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let mut drain = drain;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+        })
+    };
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut frame = vec![0x81u8, 0x80 | 16, 0, 0, 0, 0];
+            frame.extend_from_slice(b"flood flood flo!");
+            let batch: Vec<u8> = frame
+                .iter()
+                .copied()
+                .cycle()
+                .take(frame.len() * 4096)
+                .collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if flood.write_all(&batch).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    eventually(10.0, "flood under way", || {
+        s.metric("wsfan_messages_received_total") > 10_000.0
+    });
+    let mut calm = connect(&s.url("/ws/calm"));
+    for i in 0..20 {
+        send_text(&mut calm, &format!("{i}"));
+        assert_eq!(
+            recv_text(&mut calm),
+            format!("{i}"),
+            "round trip {i} while flooded"
+        );
+    }
+    assert!(s.rss_kb() < 256 * 1024, "RSS {} KiB", s.rss_kb());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(calm);
+    let _ = writer.join();
+    drop(s); // closes the flood connection, ending the reader
+    let _ = reader.join();
+}
