@@ -214,10 +214,9 @@ impl Server {
         self.drain_bus(now);
         self.close_slow_consumers(now);
         self.run_timers(now);
+        // Reconnects, PINGs and this iteration's publishes/subscriptions, in one write
+        // per Redis link.
         self.bus.tick(self.poll.registry(), now);
-        // Deliveries can arrive during tick (a Redis link came back with buffered data).
-        self.drain_bus(now);
-        self.close_slow_consumers(now);
         self.flush_all();
         self.notify_ready_once();
     }
