@@ -655,8 +655,18 @@ fn throughput(clients: usize, secs: f64, rates: &[u64]) {
             .expect("redis-server"),
     );
     let url = format!("redis://127.0.0.1:{rport}");
-    let (a, aa) = start_wsfan(&["--redis", &url, "--max-connections", "100000"]);
-    let (b, ba) = start_wsfan(&["--redis", &url, "--max-connections", "100000"]);
+    let (a, aa) = start_wsfan(&[
+        "--redis",
+        &url,
+        "--max-connections",
+        &(clients + 100).to_string(),
+    ]);
+    let (b, ba) = start_wsfan(&[
+        "--redis",
+        &url,
+        "--max-connections",
+        &(clients + 100).to_string(),
+    ]);
     wait_http_ok(aa, "/readyz");
     wait_http_ok(ba, "/readyz");
     let mut fleet = Fleet::new();
