@@ -8,7 +8,8 @@
 //!
 //! Sizes by environment: WSFAN_BENCH_IDLE (10000), WSFAN_BENCH_CLIENTS (1000),
 //! WSFAN_BENCH_SECS (5), WSFAN_BENCH_RATES (publishes/s, "200,400,800,1200").
-//! WSFAN_BENCH_ONLY=idle|coalescing|throughput runs one phase (e.g. under `perf record`).
+//! WSFAN_BENCH_ONLY=idle|coalescing|throughput runs one phase (e.g. under `perf record`);
+//! WSFAN_BENCH_WRAP="valgrind --tool=callgrind ..." runs wsfan under a tool.
 //! Under `cargo test` (no `--bench`) it runs a small smoke version.
 
 use mio::net::TcpStream;
@@ -81,7 +82,18 @@ fn free_port() -> u16 {
 
 struct Proc(Child);
 impl Drop for Proc {
+    /// SIGTERM first (wsfan shuts down gracefully, and a wrapping profiler gets to write
+    /// its output), SIGKILL if it is still there after 10 s.
     fn drop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -135,7 +147,19 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
 fn start_wsfan(extra: &[&str]) -> (Proc, SocketAddr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let child = Command::new(env!("CARGO_BIN_EXE_wsfan"))
+    // WSFAN_BENCH_WRAP runs wsfan under a tool, e.g.
+    // "valgrind --tool=callgrind --callgrind-out-file=/tmp/wsfan.%p.cg".
+    let wrap = std::env::var("WSFAN_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(tool) => {
+            let mut c = Command::new(tool);
+            c.args(words).arg(env!("CARGO_BIN_EXE_wsfan"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_wsfan")),
+    };
+    let child = cmd
         .args([
             "--listen",
             &addr.to_string(),
