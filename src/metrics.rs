@@ -3,6 +3,7 @@
 
 use crate::bus::BusStats;
 use crate::conn::Reason;
+use crate::outq::WriteStats;
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -55,8 +56,8 @@ pub struct Metrics {
     pub rejections: [u64; Rejection::ALL.len()],
     pub messages_received: u64,
     pub messages_delivered: u64,
-    pub bytes_sent: u64,
-    pub write_calls: u64,
+    /// Write calls and bytes on client sockets, counted by the output queues.
+    pub writes: WriteStats,
     pub disconnects: [u64; Reason::ALL.len()],
     loop_buckets: [u64; BUCKETS.len()],
     loop_count: u64,
@@ -120,13 +121,13 @@ impl Metrics {
                 "wsfan_bytes_sent_total",
                 "counter",
                 "Bytes written to client sockets.",
-                self.bytes_sent,
+                self.writes.bytes,
             ),
             (
                 "wsfan_write_calls_total",
                 "counter",
                 "write/writev calls on client sockets.",
-                self.write_calls,
+                self.writes.writes,
             ),
             (
                 "wsfan_channels",

@@ -43,6 +43,15 @@ pub enum Violation {
 }
 
 impl Violation {
+    /// Close reason text sent with the close frame.
+    pub fn text(self) -> &'static str {
+        match self {
+            Violation::Protocol => "protocol error",
+            Violation::InvalidUtf8 => "invalid utf-8",
+            Violation::TooBig => "message too big",
+        }
+    }
+
     pub fn close_code(self) -> u16 {
         match self {
             Violation::Protocol => 1002,

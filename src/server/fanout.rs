@@ -143,8 +143,6 @@ impl Server {
         if self.flush_list.is_empty() {
             self.flush_list = list; // keep the allocation
         }
-        self.metrics.write_calls = self.write_stats.writes;
-        self.metrics.bytes_sent = self.write_stats.bytes;
     }
 
     pub(super) fn flush_one(&mut self, id: ConnId) {
@@ -154,7 +152,7 @@ impl Server {
         c.in_flush_list = false;
         match c
             .out
-            .flush_to(&mut c.stream, WRITE_BUDGET, &mut self.write_stats)
+            .flush_to(&mut c.stream, WRITE_BUDGET, &mut self.metrics.writes)
         {
             Ok(Flushed::All) => {
                 if c.want_write {

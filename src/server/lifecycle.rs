@@ -28,7 +28,7 @@ impl Server {
             c.out.push(b);
         }
         for i in self.hub.leave_all(id) {
-            self.interest(i);
+            self.bus.interest(i);
         }
         self.set_deadline(id, now + CLOSE_LINGER);
         self.mark_flush(id);
@@ -53,12 +53,8 @@ impl Server {
             info!("conn={} peer={} closed: {}", id.0, c.peer, reason.label());
         }
         for i in self.hub.leave_all(id) {
-            self.interest(i);
+            self.bus.interest(i);
         }
-    }
-
-    pub(super) fn interest(&mut self, i: Interest) {
-        self.bus.interest(i);
     }
 
     pub(crate) fn set_deadline(&mut self, id: ConnId, at: Instant) {

@@ -17,9 +17,9 @@ mod read;
 use crate::bus::{Bus, BusEvent};
 use crate::config::Config;
 use crate::conn::{Conn, Phase, Reason};
-use crate::hub::{ConnId, Hub, Interest};
+use crate::hub::{ConnId, Hub};
 use crate::metrics::{Metrics, Rejection};
-use crate::outq::{Flushed, WriteStats};
+use crate::outq::Flushed;
 use crate::redis_link::RedisLink;
 use crate::static_files::Files;
 use crate::ws::{self, Kind};
@@ -84,7 +84,6 @@ pub struct Server {
     bus_events: Vec<BusEvent>,
     ws_events: Vec<ws::Event>,
     ping_frame: Bytes,
-    write_stats: WriteStats,
     /// Called once when the server is ready (listening and, with Redis, subscribed).
     on_ready: Option<Box<dyn FnOnce()>>,
 }
@@ -136,7 +135,6 @@ impl Server {
             bus_events: Vec::new(),
             ws_events: Vec::new(),
             ping_frame: ws::ping_frame(),
-            write_stats: WriteStats::default(),
             on_ready: None,
         })
     }

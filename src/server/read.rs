@@ -116,12 +116,12 @@ impl Server {
                 ws::Violation::InvalidUtf8 => Reason::InvalidUtf8,
                 ws::Violation::TooBig => Reason::TooBig,
             };
-            let text = match v {
-                ws::Violation::Protocol => "protocol error",
-                ws::Violation::InvalidUtf8 => "invalid utf-8",
-                ws::Violation::TooBig => "message too big",
-            };
-            self.begin_close(id, reason, Some(ws::close_frame(v.close_code(), text)), now);
+            self.begin_close(
+                id,
+                reason,
+                Some(ws::close_frame(v.close_code(), v.text())),
+                now,
+            );
         }
     }
 
