@@ -12,6 +12,10 @@
 //! WSFAN_BENCH_WRAP="valgrind --tool=callgrind ..." runs wsfan under a tool.
 //! Under `cargo test` (no `--bench`) it runs a small smoke version.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{free_port, rss_kb};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Socket, Type};
@@ -61,23 +65,6 @@ fn proc_cpu(pid: u32) -> u64 {
 
 fn self_cpu() -> u64 {
     cpu_ns("/proc/thread-self/schedstat")
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 struct Proc(Child);
@@ -661,24 +648,10 @@ fn coalescing(clients: usize) {
 }
 
 fn throughput(clients: usize, secs: f64, rates: &[u64]) {
-    let rport = free_port();
-    let redis = Proc(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &rport.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server"),
-    );
-    let url = format!("redis://127.0.0.1:{rport}");
+    // The tests' private redis-server helper: free port, no persistence, killed on drop.
+    let redis = common::Redis::start();
+    let redis_pid = redis.child.as_ref().map_or(0, |c| c.id());
+    let url = redis.url();
     let (a, aa) = start_wsfan(&[
         "--redis",
         &url,
@@ -705,7 +678,7 @@ fn throughput(clients: usize, secs: f64, rates: &[u64]) {
         let cpus0 = [
             proc_cpu(a.0.id()),
             proc_cpu(b.0.id()),
-            proc_cpu(redis.0.id()),
+            proc_cpu(redis_pid),
             self_cpu(),
         ];
         let mut lat: Vec<u64> = Vec::with_capacity((rate as f64 * secs) as usize * clients);
@@ -739,7 +712,7 @@ fn throughput(clients: usize, secs: f64, rates: &[u64]) {
         let got = fleet.total_received() - before;
         let cpu = |i: usize, pid: u32| (proc_cpu(pid) - cpus0[i]) as f64;
         let server = cpu(0, a.0.id()) + cpu(1, b.0.id());
-        let redis_cpu = cpu(2, redis.0.id());
+        let redis_cpu = cpu(2, redis_pid);
         let gen = (self_cpu() - cpus0[3]) as f64;
         lat.sort_unstable();
         println!(
