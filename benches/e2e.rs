@@ -424,18 +424,35 @@ fn idle_and_broadcast(n: usize) {
     let pid = p.0.id();
     std::thread::sleep(Duration::from_millis(200));
     let rss0 = rss_kb(pid);
+    // Connections open in four steps with RSS read after each: bytes per connection
+    // should stay flat as the count grows (nothing hidden that grows faster).
     let mut fleet = Fleet::new();
-    let took = fleet.connect(addr, "/ws/bcast", n, 1000);
-    println!("handshakes: {n} connections in {:.2} s = {:.0} new WebSocket connections/s (1000 in flight)",
-        took.as_secs_f64(), n as f64 / took.as_secs_f64());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(addr, "wsfan_connections") < n as f64 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    let mut took = Duration::ZERO;
+    let mut steps = Vec::new();
+    for step in 1..=4 {
+        let upto = n * step / 4;
+        took += fleet.connect(addr, "/ws/bcast", upto - fleet.clients.len(), 1000);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metric(addr, "wsfan_connections") < upto as f64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let rss = rss_kb(pid);
+        steps.push(format!(
+            "{upto}: {:.0}",
+            (rss.saturating_sub(rss0) * 1024) as f64 / upto as f64
+        ));
+        if step == 4 {
+            println!("handshakes: {n} connections in {:.2} s = {:.0} new WebSocket connections/s (1000 in flight)",
+                took.as_secs_f64(), n as f64 / took.as_secs_f64());
+            println!("idle memory: RSS {rss0} KiB -> {rss} KiB with {n} open WebSocket connections = {:.0} bytes per connection",
+                (rss.saturating_sub(rss0) * 1024) as f64 / n as f64);
+        }
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let rss1 = rss_kb(pid);
-    println!("idle memory: RSS {rss0} KiB -> {rss1} KiB with {n} open WebSocket connections = {:.0} bytes per connection",
-        (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64);
+    println!(
+        "idle memory, bytes per connection by count: {}",
+        steps.join(", ")
+    );
     let c0 = proc_cpu(pid);
     std::thread::sleep(Duration::from_secs(2));
     println!(
@@ -444,13 +461,10 @@ fn idle_and_broadcast(n: usize) {
     );
 
     // Broadcast: client 0 sends one 64-byte message; time until all n have it. Each
-    // round is followed by a floor round, so both see the same machine conditions.
-    let m = n.min(nofile_limit().saturating_sub(n + 500) / 2).max(100);
-    let mut rig = FloorRig::new(n, m);
-    let mut spans = Vec::new();
-    let mut cpus = Vec::new();
-    let mut floors = Vec::new();
-    let mut ratios = Vec::new();
+    // round is followed by a round of each floor, so all see the same machine conditions.
+    let mut floor_rig = FloorRig::new(n);
+    let (mut spans, mut cpus, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut floors, mut floor_walls) = (Vec::new(), Vec::new());
     for round in 0..BROADCAST_ROUNDS {
         let payload = format!("{round:064}");
         let frame = client_frame(payload.as_bytes());
@@ -476,15 +490,14 @@ fn idle_and_broadcast(n: usize) {
             n as u64,
             "every connection got the broadcast"
         );
-        let floor = rig.round();
+        let (floor, wall) = floor_rig.round();
         cpus.push(cpu);
         floors.push(floor);
+        floor_walls.push(wall);
         ratios.push(cpu / floor);
         spans.push((first.unwrap_or_default(), last.unwrap_or_default()));
     }
-    drop(rig);
-    drop(fleet);
-    drop(p);
+    drop((floor_rig, fleet, p));
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -492,122 +505,181 @@ fn idle_and_broadcast(n: usize) {
     spans.sort_by_key(|s| s.1);
     let (f, l) = spans[spans.len() / 2];
     println!(
-        "broadcast: one 64-byte message to {n} connections: first after {:.1} ms, last after {:.1} ms (median); \
-         server CPU {:.1} ms vs {:.1} ms for {n} raw writes (medians of {BROADCAST_ROUNDS} interleaved rounds, floor on {m} sockets scaled); \
-         per-round ratio median {:.2}x (min {:.2}x)",
+        "broadcast: one 64-byte message to {n} connections: first after {:.1} ms, last after {:.1} ms \
+         (median of {BROADCAST_ROUNDS}; {n} raw writes take {:.1} ms from first to last)",
         f.as_secs_f64() * 1e3,
         l.as_secs_f64() * 1e3,
+        median(&mut floor_walls),
+    );
+    println!(
+        "broadcast CPU: server {:.1} ms vs {:.1} ms for {n} raw writes: per-round ratio median {:.2}x \
+         (min {:.2}x, max {:.2}x; {BROADCAST_ROUNDS} interleaved rounds)",
         median(&mut cpus),
         median(&mut floors),
         median(&mut ratios),
         ratios[0],
+        ratios[ratios.len() - 1],
     );
 }
 
-/// The floor: CPU for raw 66-byte writes, each on its own loopback socket, with a
+/// The floor: CPU for `n` raw 66-byte writes, each on its own loopback socket, with a
 /// receiver waiting in epoll on the other ends (as the load generator waits on wsfan's
-/// sockets, so the sender pays the same wake-ups). Uses `m` socket pairs (two
-/// descriptors each must fit the open-files limit next to the fleet) and scales to `n`.
+/// sockets, so the writer pays the same wake-ups). Writer and receiver are child
+/// processes (this bench re-run with `WSFAN_BENCH_ROLE`), so the full `n` sockets fit
+/// next to the fleet's under a per-process open-files limit; nothing is scaled.
+/// (A variant with the writer's sockets non-blocking and registered in an epoll set, as a
+/// server's are, measured the same within noise, so the plain writes are the floor.)
 struct FloorRig {
-    n: usize,
-    m: usize,
-    go: Option<std::sync::mpsc::Sender<()>>,
-    done: std::sync::mpsc::Receiver<f64>,
-    writer: Option<std::thread::JoinHandle<()>>,
-    poll: Poll,
-    events: Events,
-    socks: Vec<TcpStream>,
+    _writer: Proc,
+    to_writer: std::process::ChildStdin,
+    from_writer: std::io::BufReader<std::process::ChildStdout>,
+    _reader: Proc,
+    from_reader: std::io::BufReader<std::process::ChildStdout>,
+}
+
+fn spawn_role(
+    role: &str,
+    env: &[(&str, String)],
+) -> (Proc, std::io::BufReader<std::process::ChildStdout>) {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .env("WSFAN_BENCH_ROLE", role)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn floor helper");
+    let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    (Proc(child), out)
+}
+
+fn read_line(r: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    let _ = r.read_line(&mut line);
+    line.trim().to_string()
 }
 
 impl FloorRig {
-    fn new(n: usize, m: usize) -> FloorRig {
-        let l = TcpListener::bind("127.0.0.1:0").expect("listener");
-        let addr = l.local_addr().expect("addr");
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<f64>();
-        let writer = std::thread::spawn(move || {
-            let mut conns: Vec<std::net::TcpStream> = (0..m)
-                .map(|_| {
-                    let (s, _) = l.accept().expect("accept");
-                    let _ = s.set_nodelay(true);
-                    s
-                })
-                .collect();
-            let frame = [0x81u8; 66];
-            while go_rx.recv().is_ok() {
-                let c0 = self_cpu();
-                for s in conns.iter_mut() {
-                    let _ = s.write(&frame);
-                }
-                let _ = done_tx.send((self_cpu() - c0) as f64 / 1e6);
-            }
-        });
-        let poll = Poll::new().expect("poll");
-        let mut socks = Vec::with_capacity(m);
-        for i in 0..m {
-            // Source addresses after the fleet's, so ports never collide with it.
-            let sock = client_socket(1_000_000 + i);
-            sock.connect(&addr.into()).expect("connect");
-            sock.set_nonblocking(true).expect("nonblocking");
-            let mut s = TcpStream::from_std(sock.into());
-            poll.registry()
-                .register(&mut s, Token(i), Interest::READABLE)
-                .expect("register");
-            socks.push(s);
-        }
+    fn new(n: usize) -> FloorRig {
+        let (mut writer, mut from_writer) = spawn_role("floor-writer", &[("N", n.to_string())]);
+        let port = read_line(&mut from_writer);
+        let (reader, mut from_reader) =
+            spawn_role("floor-reader", &[("N", n.to_string()), ("PORT", port)]);
+        assert_eq!(
+            read_line(&mut from_reader),
+            "ready",
+            "floor reader connected"
+        );
+        assert_eq!(
+            read_line(&mut from_writer),
+            "ready",
+            "floor writer accepted"
+        );
+        let to_writer = writer.0.stdin.take().expect("stdin");
         FloorRig {
-            n,
-            m,
-            go: Some(go_tx),
-            done: done_rx,
-            writer: Some(writer),
-            poll,
-            events: Events::with_capacity(4096),
-            socks,
+            _writer: writer,
+            to_writer,
+            from_writer,
+            _reader: reader,
+            from_reader,
         }
     }
 
-    /// One round: every socket gets one write; returns the writer's CPU ms scaled to `n`.
-    fn round(&mut self) -> f64 {
-        if let Some(go) = &self.go {
-            let _ = go.send(());
+    /// One round: every socket gets one write. Returns the writer's (CPU ms, wall ms
+    /// from its first write to its last).
+    fn round(&mut self) -> (f64, f64) {
+        let _ = writeln!(self.to_writer, "go");
+        let _ = self.to_writer.flush();
+        let line = read_line(&mut self.from_writer);
+        assert_eq!(
+            read_line(&mut self.from_reader),
+            "round",
+            "floor reader got all"
+        );
+        let mut it = line.split(' ').filter_map(|v| v.parse::<f64>().ok());
+        (
+            it.next().unwrap_or(0.0) / 1e6,
+            it.next().unwrap_or(0.0) / 1e6,
+        )
+    }
+}
+
+/// Child role: accept N connections, then per "go" line on stdin write 66 bytes to each
+/// and print "<cpu ns> <wall ns>".
+fn floor_writer() {
+    let n = env_or("N", 0);
+    let l = TcpListener::bind("127.0.0.1:0").expect("listener");
+    println!("{}", l.local_addr().expect("addr").port());
+    let mut conns: Vec<std::net::TcpStream> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (s, _) = l.accept().expect("accept");
+        let _ = s.set_nodelay(true);
+        conns.push(s);
+    }
+    println!("ready");
+    let frame = [0x81u8; 66];
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).is_ok_and(|k| k > 0) {
+        line.clear();
+        let (c0, t0) = (self_cpu(), Instant::now());
+        for s in conns.iter_mut() {
+            let _ = s.write(&frame);
         }
-        let mut got = 0;
-        let mut buf = [0u8; 256];
-        let end = Instant::now() + Duration::from_secs(20);
-        while got < self.m * 66 && Instant::now() < end {
-            let _ = self
-                .poll
-                .poll(&mut self.events, Some(Duration::from_millis(5)));
-            for e in self.events.iter() {
-                while let Ok(k @ 1..) = self.socks[e.token().0].read(&mut buf) {
-                    got += k;
+        let wall = t0.elapsed().as_nanos();
+        println!("{} {wall}", self_cpu() - c0);
+    }
+}
+
+/// Child role: connect N sockets to PORT, print "ready", then read in an epoll loop and
+/// print "round" each time another N * 66 bytes have arrived.
+fn floor_reader() {
+    let n = env_or("N", 0);
+    let port = env_or("PORT", 0);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut poll = Poll::new().expect("poll");
+    let mut socks = Vec::with_capacity(n);
+    for i in 0..n {
+        // Source addresses after the fleet's, so ports never collide with it.
+        let sock = client_socket(1_000_000 + i);
+        sock.connect(&addr.into()).expect("connect");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let mut s = TcpStream::from_std(sock.into());
+        poll.registry()
+            .register(&mut s, Token(i), Interest::READABLE)
+            .expect("register");
+        socks.push(s);
+    }
+    // Stdin closing (the bench ended, however it ended) stops this process.
+    let stdin = 0;
+    poll.registry()
+        .register(
+            &mut mio::unix::SourceFd(&stdin),
+            Token(usize::MAX),
+            Interest::READABLE,
+        )
+        .expect("register stdin");
+    println!("ready");
+    let mut events = Events::with_capacity(4096);
+    let (mut got, mut rounds) = (0usize, 0usize);
+    let mut buf = [0u8; 256];
+    loop {
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
+        for e in events.iter() {
+            if e.token() == Token(usize::MAX) {
+                if std::io::stdin().read(&mut buf).map_or(true, |k| k == 0) {
+                    return;
                 }
+                continue;
+            }
+            while let Ok(k @ 1..) = socks[e.token().0].read(&mut buf) {
+                got += k;
             }
         }
-        self.done
-            .recv()
-            .map_or(0.0, |ms| ms * self.n as f64 / self.m as f64)
-    }
-}
-
-impl Drop for FloorRig {
-    fn drop(&mut self) {
-        self.go.take();
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
+        while got >= (rounds + 1) * n * 66 {
+            rounds += 1;
+            println!("round");
         }
     }
-}
-
-fn nofile_limit() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct we own.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    lim.rlim_cur as usize
 }
 
 fn coalescing(clients: usize) {
@@ -748,8 +820,13 @@ fn record(lat: &mut Vec<u64>, origin: Instant, payload: &[u8]) {
 }
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
     raise_nofile();
+    match std::env::var("WSFAN_BENCH_ROLE").as_deref() {
+        Ok("floor-writer") => return floor_writer(),
+        Ok("floor-reader") => return floor_reader(),
+        _ => {}
+    }
+    let bench = std::env::args().any(|a| a == "--bench");
     let bin = env!("CARGO_BIN_EXE_wsfan");
     let size = std::fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
     println!(
