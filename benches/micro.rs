@@ -5,6 +5,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use std::hint::black_box;
 use wsfan::hub::{ConnId, Hub};
 use wsfan::outq::OutQueue;
+use wsfan::redis_link::resp::{Next, ReadBuf};
 use wsfan::ws::{self, Kind};
 
 /// Hub lookup + the same encoded frame queued on 10,000 members (what a delivery costs
@@ -91,6 +92,29 @@ fn redis_pushes(c: &mut Criterion) {
             let mut n = 0;
             while parser.parse_value(&mut reader).is_ok() {
                 n += 1;
+            }
+            assert_eq!(n, 100);
+            n
+        })
+    });
+    // What the subscription link does: read into its bounded buffer, frame with
+    // `resp::scan`, hand each whole value to one long-lived parser.
+    let mut parser = redis::Parser::new();
+    g.bench_function("frame_and_parse_100_message_pushes", |b| {
+        b.iter(|| {
+            let mut rb = ReadBuf::new(64 * 1024);
+            let mut reader = &wire[..];
+            let mut n = 0;
+            loop {
+                match rb.frame() {
+                    Ok(Next::Ready) => {
+                        while let Some(v) = rb.parse_one(&mut parser) {
+                            n += usize::from(v.is_ok());
+                        }
+                    }
+                    Ok(Next::NeedMore) if rb.fill(&mut reader).unwrap_or(0) > 0 => {}
+                    _ => break,
+                }
             }
             assert_eq!(n, 100);
             n

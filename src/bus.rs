@@ -43,6 +43,8 @@ pub struct BusStats {
     pub buffered_messages: usize,
     pub buffered_bytes: usize,
     pub dropped: u64,
+    /// Messages from Redis larger than `--max-message-size`, not delivered.
+    pub oversize: u64,
     pub published: u64,
 }
 

@@ -23,6 +23,7 @@ pub struct Config {
     /// Open connections (HTTP and WebSocket) before new ones get HTTP 503. Default 10,000.
     pub max_connections: usize,
     /// Largest message a client may send, in bytes (after reassembly). Larger → close 1009.
+    /// Also the largest delivered from Redis (a larger one is skipped and counted).
     /// Default 64 KiB.
     pub max_message_size: usize,
     /// Bytes that may wait in one connection's output queue. A client whose queue would

@@ -86,7 +86,7 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
-        let plain: [(&str, &str, &str, u64); 13] = [
+        let plain: [(&str, &str, &str, u64); 14] = [
             (
                 "wsfan_connections",
                 "gauge",
@@ -164,6 +164,12 @@ impl Metrics {
                 "counter",
                 "Messages dropped because the outage buffer was full.",
                 bus.dropped,
+            ),
+            (
+                "wsfan_redis_oversize_dropped_total",
+                "counter",
+                "Messages from Redis larger than --max-message-size, not delivered.",
+                bus.oversize,
             ),
         ];
         let mut s = String::with_capacity(4096);

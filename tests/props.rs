@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use wsfan::redis_link::resp::{self, Next, ReadBuf};
 use wsfan::ws::{Decoder, Event, Kind};
 use wsfan::{envelope, http, hub, jwt, routes};
 
@@ -137,5 +138,58 @@ proptest! {
             Ok(ch) => { prop_assert!(hub::valid_channel_name(ch)); prop_assert_eq!(ch, name.as_str()); }
             Err(status) => { prop_assert_eq!(status, 400); prop_assert!(!hub::valid_channel_name(&name)); }
         }
+    }
+
+    #[test]
+    fn resp_scanner_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let resp::Scan::Complete(n) = resp::scan(&bytes, 64) {
+            prop_assert!(n <= bytes.len());
+        }
+    }
+
+    /// Pub/Sub messages of random sizes around the limit, read in random chunk sizes:
+    /// exactly those within the limit come out, in order, and the buffer stays bounded.
+    #[test]
+    fn resp_readbuf_keeps_small_messages_drops_big_ones_at_any_split(
+        sizes in proptest::collection::vec(0usize..300, 1..20),
+        chunk in 1usize..700,
+    ) {
+        let max = 100;
+        let mut wire = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            wire.extend(format!("*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n${n}\r\n").bytes());
+            wire.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, n));
+            wire.extend(b"\r\n");
+        }
+        let mut rb = ReadBuf::new(max);
+        let mut parser = redis::Parser::new();
+        let (mut got, mut dropped, mut at) = (Vec::new(), 0, 0);
+        loop {
+            match rb.frame().expect("valid input") {
+                Next::Ready => {
+                    while let Some(v) = rb.parse_one(&mut parser) {
+                        let redis::Value::Array(items) = v.expect("parses") else {
+                            panic!("not an array");
+                        };
+                        let redis::Value::BulkString(p) = &items[2] else {
+                            panic!("no payload");
+                        };
+                        got.push(p.len());
+                    }
+                }
+                Next::Dropped => dropped += 1,
+                Next::NeedMore if at < wire.len() => {
+                    let end = (at + chunk).min(wire.len());
+                    let mut piece = &wire[at..end];
+                    let n = rb.fill(&mut piece).expect("fits");
+                    at += n;
+                    prop_assert!(rb.capacity() <= max + 2 * 64 * 1024);
+                }
+                Next::NeedMore => break,
+            }
+        }
+        let want: Vec<usize> = sizes.iter().copied().filter(|&n| n <= max).collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(dropped, sizes.iter().filter(|&&n| n > max).count());
     }
 }

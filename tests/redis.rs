@@ -445,3 +445,47 @@ fn publishes_in_flight_when_redis_dies_are_sent_again_in_order() {
     }
     assert_eq!(order, (100..250).collect::<Vec<_>>());
 }
+
+#[test]
+fn oversized_foreign_messages_are_skipped_not_held_and_cut_no_client() {
+    let redis = Redis::start();
+    let a = instance(&redis, &["--max-message-size", "4096"]);
+    let mut ws1 = connect(&a.url("/ws/big"));
+    let mut ws2 = connect(&a.url("/ws/big"));
+    eventually(5.0, "subscribed", || redis.numsub("big") == 1);
+    let pid = a.child.id();
+    let peak0 = peak_rss_kb(pid);
+    // A foreign publisher (not bound by wsfan's limits) sends one byte over the limit,
+    // then 16 MiB; then messages exactly at the limit, text and enveloped binary.
+    redis.publish("big", &[b'x'; 4097]);
+    redis.publish("big", &vec![b'y'; 16 << 20]);
+    redis.publish("big", &[b'z'; 4096]);
+    let mut bin = b"\0b".to_vec();
+    bin.extend_from_slice(&[7u8; 4096]);
+    redis.publish("big", &bin);
+    redis.publish("big", b"after");
+    let brief = |m: Message| match m {
+        Message::Text(t) => ("text", t.len(), t.as_bytes().first().copied()),
+        Message::Binary(b) => ("binary", b.len(), b.first().copied()),
+        other => panic!("{other:?}"),
+    };
+    for ws in [&mut ws1, &mut ws2] {
+        assert_eq!(brief(recv(ws)), ("text", 4096, Some(b'z')));
+        assert_eq!(brief(recv(ws)), ("binary", 4096, Some(7)));
+        assert_eq!(recv_text(ws), "after");
+    }
+    assert_eq!(a.metric("wsfan_redis_oversize_dropped_total"), 2.0);
+    assert_eq!(
+        a.metric("wsfan_redis_reconnects_total"),
+        0.0,
+        "the link stayed up"
+    );
+    let grew = peak_rss_kb(pid).saturating_sub(peak0);
+    assert!(
+        grew < 4096,
+        "peak RSS grew by {grew} KiB while a 16 MiB message went past"
+    );
+    send_text(&mut ws1, "still both ways");
+    assert_eq!(recv_text(&mut ws1), "still both ways");
+    assert_eq!(recv_text(&mut ws2), "still both ways");
+}

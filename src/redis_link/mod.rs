@@ -8,16 +8,18 @@
 //!   out in one write.
 //!
 //! Commands are encoded with the redis crate (`redis::cmd(..).get_packed_command()`);
-//! replies and pushes are parsed incrementally from the non-blocking socket with one
-//! long-lived `redis::Parser` per connection (it keeps its partial state across
-//! WouldBlock). Each link reconnects with capped exponential backoff and jitter and is
+//! replies and pushes are read into a bounded buffer per connection, framed by `resp`
+//! (which skips a message larger than `--max-message-size` as it streams past), and
+//! each whole value is parsed by the connection's `redis::Parser`. Each link reconnects with capped exponential backoff and jitter and is
 //! PINGed with a deadline, so a silent dead link is noticed. While the publish side is
 //! down (or the subscription side is re-subscribing), publishes wait in a bounded
 //! buffer and go out in order afterwards; publishes whose replies never came are sent
 //! again (at-least-once across a reconnect).
 
+pub mod resp;
 mod transport;
 
+use resp::Next;
 pub use transport::Target;
 use transport::{Link, State, Stream};
 
@@ -61,6 +63,8 @@ pub struct RedisLink {
     prefix: String,
     max_msgs: usize,
     max_bytes: usize,
+    /// Largest payload delivered to clients (`--max-message-size`).
+    max_payload: usize,
     ping_interval: Duration,
     timeout: Duration,
     backoff_max: Duration,
@@ -77,24 +81,29 @@ pub struct RedisLink {
     rng: u64,
     reconnects: u64,
     dropped: u64,
+    oversize: u64,
     published: u64,
     last_drop_log: Option<Instant>,
+    last_oversize_log: Option<Instant>,
 }
 
 impl RedisLink {
     pub fn new(url: &str, cfg: &Config) -> Result<RedisLink, String> {
         let target = Target::parse(url)?;
         let now = Instant::now();
+        // Room for the envelope's two bytes; the payload itself is checked after decoding.
+        let max_bulk = cfg.max_message_size + 2;
         Ok(RedisLink {
             target,
             prefix: cfg.channel_prefix.clone(),
             max_msgs: cfg.redis_buffer_messages,
             max_bytes: cfg.redis_buffer_bytes,
+            max_payload: cfg.max_message_size,
             ping_interval: cfg.redis_ping_interval,
             timeout: cfg.redis_timeout,
             backoff_max: cfg.redis_backoff_max,
-            sub: Link::new("subscribe", REDIS_SUB, now),
-            publ: Link::new("publish", REDIS_PUB, now),
+            sub: Link::new("subscribe", REDIS_SUB, max_bulk, now),
+            publ: Link::new("publish", REDIS_PUB, max_bulk, now),
             subs: HashMap::new(),
             outbox: VecDeque::new(),
             inflight: VecDeque::new(),
@@ -104,8 +113,10 @@ impl RedisLink {
             rng: (std::process::id() as u64) << 32 | now.elapsed().subsec_nanos() as u64 | 1,
             reconnects: 0,
             dropped: 0,
+            oversize: 0,
             published: 0,
             last_drop_log: None,
+            last_oversize_log: None,
         })
     }
 
@@ -235,6 +246,7 @@ impl RedisLink {
             buffered_messages: self.outbox.len() + self.inflight.len(),
             buffered_bytes: self.buffered_bytes,
             dropped: self.dropped,
+            oversize: self.oversize,
             published: self.published,
         }
     }
@@ -287,7 +299,7 @@ impl RedisLink {
         }
     }
 
-    /// Parses every complete reply available, until the socket would block.
+    /// Handles every complete value available, until the socket would block.
     fn read(&mut self, is_sub: bool) -> Result<(), String> {
         loop {
             let link = if is_sub {
@@ -298,17 +310,50 @@ impl RedisLink {
             let Some(stream) = link.stream.as_mut() else {
                 return Ok(());
             };
-            match link.parser.parse_value(stream) {
-                Ok(v) => {
+            match link.rbuf.frame() {
+                Ok(Next::Ready) => loop {
+                    let link = if is_sub {
+                        &mut self.sub
+                    } else {
+                        &mut self.publ
+                    };
+                    let Some(v) = link.rbuf.parse_one(&mut link.parser) else {
+                        break;
+                    };
+                    let v = v.map_err(|e| format!("parse: {e}"))?;
                     if is_sub {
                         self.on_sub_value(v)?;
                     } else {
                         self.on_pub_value(v)?;
                     }
-                }
-                Err(e) if e.is_timeout() => return Ok(()),
-                Err(e) => return Err(format!("read: {e}")),
+                },
+                Ok(Next::Dropped) => self.count_oversize(),
+                Ok(Next::NeedMore) => match link.rbuf.fill(stream) {
+                    Ok(0) => return Err("closed by redis".to_string()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read: {e}")),
+                },
+                Err(why) => return Err(format!("protocol: {why}")),
             }
+        }
+    }
+
+    /// A message larger than `--max-message-size` (from a publisher other than wsfan)
+    /// is not delivered: clients would have to be cut off for it.
+    fn count_oversize(&mut self) {
+        self.oversize += 1;
+        let now = Instant::now();
+        if self
+            .last_oversize_log
+            .is_none_or(|t| now - t > Duration::from_secs(5))
+        {
+            self.last_oversize_log = Some(now);
+            warn!(
+                "redis: message larger than --max-message-size {} bytes not delivered ({} so far)",
+                self.max_payload, self.oversize
+            );
         }
     }
 
@@ -339,6 +384,10 @@ impl RedisLink {
                     return Ok(());
                 };
                 let (kind, payload) = envelope::decode(Bytes::from(payload));
+                if payload.len() > self.max_payload {
+                    self.count_oversize();
+                    return Ok(());
+                }
                 self.events.push(BusEvent::Deliver {
                     channel: name.to_string(),
                     kind,

@@ -2,6 +2,7 @@
 //! non-blocking TCP or Unix stream, and one connection's state (`Link`: connect,
 //! write buffer, parser, backoff, PING bookkeeping). No Pub/Sub logic here.
 
+use super::resp::ReadBuf;
 use mio::event::Source;
 use mio::{Registry, Token};
 use redis::IntoConnectionInfo;
@@ -158,6 +159,7 @@ pub(super) struct Link {
     pub(super) state: State,
     pub(super) stream: Option<Stream>,
     pub(super) parser: redis::Parser,
+    pub(super) rbuf: ReadBuf,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
     pub(super) retry_at: Instant,
@@ -169,13 +171,15 @@ pub(super) struct Link {
 }
 
 impl Link {
-    pub(super) fn new(name: &'static str, token: Token, now: Instant) -> Link {
+    /// `max_bulk`: the largest bulk string (message payload) this link keeps.
+    pub(super) fn new(name: &'static str, token: Token, max_bulk: usize, now: Instant) -> Link {
         Link {
             name,
             token,
             state: State::Down,
             stream: None,
             parser: redis::Parser::new(),
+            rbuf: ReadBuf::new(max_bulk),
             out: Vec::new(),
             out_pos: 0,
             retry_at: now,
@@ -226,6 +230,7 @@ impl Link {
         }
         self.state = State::Down;
         self.parser = redis::Parser::new();
+        self.rbuf.clear();
         self.out.clear();
         self.out_pos = 0;
         self.ping_sent = None;
