@@ -55,7 +55,8 @@ pub struct Config {
     /// How often each Redis link is PINGed. Default 3 s.
     pub redis_ping_interval: Duration,
     /// A PING unanswered this long marks the Redis link dead. Default 5 s, so a silent
-    /// dead link is noticed within `redis_ping_interval + redis_timeout` (~8 s).
+    /// dead link is noticed within `redis_ping_interval + redis_timeout` (~8 s). Also
+    /// the limit for one connect attempt, host-name lookup included.
     pub redis_timeout: Duration,
     /// Longest wait between Redis reconnect attempts (exponential backoff with jitter,
     /// starting at 100 ms). Default 5 s.

@@ -3,6 +3,13 @@
 use wsfan::config::{usage, Config, ConfigError};
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, host, port] = &args[..] {
+        if flag == "--resolve" {
+            // Internal: the Redis link's name lookup, run as a child process.
+            std::process::exit(wsfan::redis_link::resolve_main(host, port));
+        }
+    }
     let cfg = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(ConfigError::Help) => {

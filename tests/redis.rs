@@ -489,3 +489,93 @@ fn oversized_foreign_messages_are_skipped_not_held_and_cut_no_client() {
     assert_eq!(recv_text(&mut ws1), "still both ways");
     assert_eq!(recv_text(&mut ws2), "still both ways");
 }
+
+#[test]
+fn host_names_are_resolved_off_the_loop_even_when_dns_hangs() {
+    let Some(dns) = FakeDns::start(vec![std::net::Ipv4Addr::LOCALHOST]) else {
+        return;
+    };
+    let redis = Redis::start();
+    let url = format!("redis://redis.wsfan.test:{}", redis.port);
+    let a = Wsfan::start_with_resolv_conf(
+        &dns.resolv_conf,
+        &["--redis", &url, "--redis-timeout", "60"],
+    );
+    eventually(10.0, "wsfan asks DNS", || dns.queries() > 0);
+    // The lookup now hangs (up to 30 s per query); the loop must not.
+    for _ in 0..3 {
+        assert_eq!(a.status("/healthz"), 200);
+        assert_eq!(a.status("/readyz"), 503);
+    }
+    dns.answer();
+    eventually(10.0, "ready once the name resolves", || {
+        a.status("/readyz") == 200
+    });
+    let mut ws = connect(&a.url("/ws/dns"));
+    send_text(&mut ws, "via a resolved name");
+    assert_eq!(recv_text(&mut ws), "via a resolved name");
+    eventually(5.0, "resolver processes reaped", || {
+        children(a.child.id()).is_empty()
+    });
+}
+
+#[test]
+fn a_name_with_several_addresses_falls_through_to_one_that_answers() {
+    // 127.0.0.2 refuses; redis-server listens on 127.0.0.3 (and 127.0.0.1 for the
+    // helper). Neither is 127.0.0.1, which glibc would sort first.
+    let ips = vec![
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        std::net::Ipv4Addr::new(127, 0, 0, 3),
+    ];
+    let Some(dns) = FakeDns::start(ips) else {
+        return;
+    };
+    dns.answer();
+    let redis = Redis::start_with(&["--bind", "127.0.0.1 127.0.0.3"]);
+    let url = format!("redis://redis.wsfan.test:{}", redis.port);
+    let a =
+        Wsfan::start_with_resolv_conf(&dns.resolv_conf, &["--redis", &url, "--log-level", "debug"]);
+    eventually(10.0, "ready", || a.status("/readyz") == 200);
+    let p = redis.port;
+    assert!(
+        a.log()
+            .contains(&format!("resolved to [127.0.0.2:{p}, 127.0.0.3:{p}]")),
+        "the refusing address was tried first: {}",
+        a.log()
+    );
+    assert_eq!(a.metric("wsfan_redis_reconnects_total"), 0.0);
+}
+
+#[test]
+fn a_lookup_that_never_answers_times_out_is_retried_and_leaves_no_zombies() {
+    let Some(dns) = FakeDns::start(vec![std::net::Ipv4Addr::LOCALHOST]) else {
+        return;
+    };
+    let a = Wsfan::start_with_resolv_conf(
+        &dns.resolv_conf,
+        &[
+            "--redis",
+            "redis://redis.wsfan.test:6390",
+            "--redis-timeout",
+            "0.5",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    // Two timed-out attempts per link at least.
+    eventually(15.0, "lookups time out and are retried", || {
+        a.log().matches("resolving the host name timed out").count() >= 4
+    });
+    assert_eq!(a.status("/healthz"), 200);
+    let kids = children(a.child.id());
+    assert!(
+        kids.len() <= 2,
+        "at most one lookup per link at a time: {kids:?}"
+    );
+    eventually(5.0, "stopped lookups reaped", || {
+        children(a.child.id())
+            .iter()
+            .all(|&(_, state)| state != 'Z')
+    });
+    assert!(dns.queries() >= 4, "every attempt asked DNS again");
+}

@@ -20,8 +20,8 @@ pub mod resp;
 mod transport;
 
 use resp::Next;
-pub use transport::Target;
-use transport::{Link, State, Stream};
+pub use transport::{resolve_main, Target};
+use transport::{Link, Progress, State, Stream};
 
 use crate::bus::{BusEvent, BusStats, Published};
 use crate::config::Config;
@@ -272,11 +272,30 @@ impl RedisLink {
             &mut self.publ
         };
         if link.state == State::Connecting {
-            match link.stream.as_mut().map(Stream::connected) {
-                Some(Ok(true)) => self.on_connected(is_sub, now),
-                Some(Ok(false)) => return,
-                Some(Err(e)) => return self.fail(registry, is_sub, &format!("connect: {e}"), now),
-                None => return,
+            let Some(progress) = link.stream.as_mut().map(Stream::progress) else {
+                return;
+            };
+            match progress {
+                Ok(Progress::Connected) => self.on_connected(is_sub, now),
+                Ok(Progress::Waiting) => return,
+                Ok(Progress::Resolved(addrs)) => {
+                    debug!("redis {} link: resolved to {addrs:?}", link.name);
+                    link.addrs = addrs.into();
+                    if let Err(e) = link.connect_next(registry) {
+                        self.fail(registry, is_sub, &format!("connect: {e}"), now);
+                    }
+                    return;
+                }
+                Err(e) if link.is_resolving() => {
+                    return self.fail(registry, is_sub, &format!("resolve: {e}"), now)
+                }
+                // Refused: try the next address the name resolved to, if any.
+                Err(e) => {
+                    if link.addrs.is_empty() || link.connect_next(registry).is_err() {
+                        self.fail(registry, is_sub, &format!("connect: {e}"), now);
+                    }
+                    return;
+                }
             }
         }
         let link = if is_sub {
@@ -578,10 +597,16 @@ impl RedisLink {
         } else {
             &mut self.publ
         };
+        link.reap();
         match link.state {
             State::Down if now >= link.retry_at => self.start_connect(registry, is_sub, now),
             State::Connecting if link.deadline.is_some_and(|d| now >= d) => {
-                self.fail(registry, is_sub, "connect timed out", now)
+                let why = if link.is_resolving() {
+                    "resolving the host name timed out"
+                } else {
+                    "connect timed out"
+                };
+                self.fail(registry, is_sub, why, now)
             }
             State::Up => {
                 if link.ping_sent.is_some_and(|t| now >= t + self.timeout) {
@@ -603,7 +628,11 @@ impl RedisLink {
     fn start_connect(&mut self, registry: &Registry, is_sub: bool, now: Instant) {
         let result = self.target.connect().and_then(|mut s| {
             let link = if is_sub { &self.sub } else { &self.publ };
-            registry.register(s.source(), link.token, Ready::READABLE | Ready::WRITABLE)?;
+            let ready = match s {
+                Stream::Resolving(_) => Ready::READABLE,
+                _ => Ready::READABLE | Ready::WRITABLE,
+            };
+            registry.register(s.source(), link.token, ready)?;
             Ok(s)
         });
         match result {

@@ -4,7 +4,7 @@
 
 use super::resp::ReadBuf;
 use mio::event::Source;
-use mio::{Registry, Token};
+use mio::{Interest, Registry, Token};
 use redis::IntoConnectionInfo;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -71,30 +71,129 @@ impl Target {
         }
     }
 
+    /// Starts connecting. An IP literal or a Unix path connects at once; a host name is
+    /// first resolved by a child process (`Stream::Resolving`), never on the loop.
     pub(super) fn connect(&self) -> io::Result<Stream> {
         match &self.addr {
-            Addr::Tcp(host, port) => {
-                // An IP literal needs no lookup; a name is resolved here (getaddrinfo,
-                // which may block briefly: use an IP or /etc/hosts on edge boxes).
-                let addr: SocketAddr = match host.parse::<IpAddr>() {
-                    Ok(ip) => SocketAddr::new(ip, *port),
-                    Err(_) => (host.as_str(), *port)
-                        .to_socket_addrs()?
-                        .next()
-                        .ok_or_else(|| io::Error::other("no address for host"))?,
-                };
-                let s = mio::net::TcpStream::connect(addr)?;
-                let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
-            }
+            Addr::Tcp(host, port) => match host.parse::<IpAddr>() {
+                Ok(ip) => Stream::tcp(SocketAddr::new(ip, *port)),
+                Err(_) => Ok(Stream::Resolving(Resolver::start(host, *port)?)),
+            },
             Addr::Unix(p) => Ok(Stream::Unix(mio::net::UnixStream::connect(p)?)),
         }
     }
 }
 
+/// The hidden `wsfan --resolve HOST PORT` mode: getaddrinfo (hosts file, DNS search
+/// domains, everything glibc's resolver does) in a short-lived process of its own, so
+/// a slow or dead DNS server can only delay the Redis link, never stall the loop.
+/// Prints one address per line; exit status 1 when there is none.
+pub fn resolve_main(host: &str, port: &str) -> i32 {
+    let Ok(port) = port.parse::<u16>() else {
+        return 2;
+    };
+    match (host, port).to_socket_addrs() {
+        Ok(addrs) => {
+            let mut out = String::new();
+            for a in addrs.take(MAX_ADDRS) {
+                out.push_str(&a.to_string());
+                out.push('\n');
+            }
+            print!("{out}");
+            i32::from(out.is_empty())
+        }
+        Err(e) => {
+            eprintln!("wsfan: resolving {host}: {e}");
+            1
+        }
+    }
+}
+
+/// Addresses kept from one lookup (tried in order).
+const MAX_ADDRS: usize = 16;
+/// Bytes read from the resolver at most (`MAX_ADDRS` IPv6 lines fit easily).
+const MAX_RESOLVER_OUTPUT: usize = 4096;
+
+/// A running `wsfan --resolve`: its stdout is a non-blocking pipe in the poll.
+pub(super) struct Resolver {
+    child: std::process::Child,
+    out: mio::unix::pipe::Receiver,
+    buf: Vec<u8>,
+}
+
+impl Resolver {
+    fn start(host: &str, port: u16) -> io::Result<Resolver> {
+        let mut child = std::process::Command::new("/proc/self/exe")
+            .args(["--resolve", host, &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            return Err(io::Error::other("resolver has no stdout"));
+        };
+        let out = mio::unix::pipe::Receiver::from(stdout);
+        out.set_nonblocking(true)?;
+        Ok(Resolver {
+            child,
+            out,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Reads what the resolver printed: `Ok(Some(addrs))` once it is done.
+    fn poll(&mut self) -> io::Result<Option<Vec<SocketAddr>>> {
+        let mut chunk = [0u8; 512];
+        loop {
+            match self.out.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) if self.buf.len() + n <= MAX_RESOLVER_OUTPUT => {
+                    self.buf.extend_from_slice(&chunk[..n])
+                }
+                Ok(_) => return Err(io::Error::other("resolver output too long")),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let addrs: Vec<SocketAddr> = String::from_utf8_lossy(&self.buf)
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect();
+        if addrs.is_empty() {
+            return Err(io::Error::other("host name not resolved"));
+        }
+        Ok(Some(addrs))
+    }
+
+    /// Stops the child (if it is still running) and reaps it, or hands it back to be
+    /// reaped later.
+    fn finish(mut self) -> Option<std::process::Child> {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return None;
+        }
+        let _ = self.child.kill();
+        match self.child.try_wait() {
+            Ok(None) => Some(self.child),
+            _ => None,
+        }
+    }
+}
+
 pub(super) enum Stream {
+    /// A host name is being looked up; then `Tcp` to each address in turn.
+    Resolving(Resolver),
     Tcp(mio::net::TcpStream),
     Unix(mio::net::UnixStream),
+}
+
+/// What a connecting stream did on an event.
+pub(super) enum Progress {
+    Waiting,
+    Connected,
+    /// The name resolved: connect to these addresses, in order.
+    Resolved(Vec<SocketAddr>),
 }
 
 impl Read for Stream {
@@ -102,6 +201,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(b),
             Stream::Unix(s) => s.read(b),
+            Stream::Resolving(_) => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 }
@@ -111,6 +211,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(b),
             Stream::Unix(s) => s.write(b),
+            Stream::Resolving(_) => Err(io::ErrorKind::NotConnected.into()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -119,15 +220,26 @@ impl Write for Stream {
 }
 
 impl Stream {
+    fn tcp(addr: SocketAddr) -> io::Result<Stream> {
+        let s = mio::net::TcpStream::connect(addr)?;
+        let _ = s.set_nodelay(true);
+        Ok(Stream::Tcp(s))
+    }
+
     pub(super) fn source(&mut self) -> &mut dyn Source {
         match self {
             Stream::Tcp(s) => s,
             Stream::Unix(s) => s,
+            Stream::Resolving(r) => &mut r.out,
         }
     }
-    /// `Ok(true)` once a non-blocking connect has completed.
-    pub(super) fn connected(&mut self) -> io::Result<bool> {
+
+    /// Advances a connect in progress (a lookup, then a non-blocking connect).
+    pub(super) fn progress(&mut self) -> io::Result<Progress> {
         let (err, peer) = match self {
+            Stream::Resolving(r) => {
+                return Ok(r.poll()?.map_or(Progress::Waiting, Progress::Resolved))
+            }
             Stream::Tcp(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
             Stream::Unix(s) => (s.take_error()?, s.peer_addr().map(|_| ())),
         };
@@ -135,8 +247,8 @@ impl Stream {
             return Err(e);
         }
         match peer {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Ok(()) => Ok(Progress::Connected),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Progress::Waiting),
             Err(e) => Err(e),
         }
     }
@@ -158,6 +270,10 @@ pub(super) struct Link {
     pub(super) token: Token,
     pub(super) state: State,
     pub(super) stream: Option<Stream>,
+    /// Resolved addresses not tried yet in this attempt.
+    pub(super) addrs: std::collections::VecDeque<SocketAddr>,
+    /// Resolver processes stopped but not yet reaped (at most a few).
+    reap: Vec<std::process::Child>,
     pub(super) parser: redis::Parser,
     pub(super) rbuf: ReadBuf,
     pub(super) out: Vec<u8>,
@@ -178,6 +294,8 @@ impl Link {
             token,
             state: State::Down,
             stream: None,
+            addrs: std::collections::VecDeque::new(),
+            reap: Vec::new(),
             parser: redis::Parser::new(),
             rbuf: ReadBuf::new(max_bulk),
             out: Vec::new(),
@@ -224,10 +342,52 @@ impl Link {
         self.out.len() - self.out_pos
     }
 
-    pub(super) fn close(&mut self, registry: &Registry, now: Instant, max: Duration, jitter: f64) {
+    /// Drops the current stream (deregistered; a resolver is stopped).
+    fn drop_stream(&mut self, registry: &Registry) {
         if let Some(mut s) = self.stream.take() {
             let _ = registry.deregister(s.source());
+            if let Stream::Resolving(r) = s {
+                self.reap.extend(r.finish());
+            }
         }
+    }
+
+    /// Reaps resolver processes that have exited.
+    pub(super) fn reap(&mut self) {
+        self.reap.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+    }
+
+    /// Starts connecting to the next resolved address that can be tried.
+    pub(super) fn connect_next(&mut self, registry: &Registry) -> io::Result<()> {
+        self.drop_stream(registry);
+        let mut last = io::Error::other("no address left to try");
+        while let Some(addr) = self.addrs.pop_front() {
+            let started = Stream::tcp(addr).and_then(|mut s| {
+                registry.register(
+                    s.source(),
+                    self.token,
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Ok(s)
+            });
+            match started {
+                Ok(s) => {
+                    self.stream = Some(s);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub(super) fn is_resolving(&self) -> bool {
+        matches!(self.stream, Some(Stream::Resolving(_)))
+    }
+
+    pub(super) fn close(&mut self, registry: &Registry, now: Instant, max: Duration, jitter: f64) {
+        self.drop_stream(registry);
+        self.addrs.clear();
         self.state = State::Down;
         self.parser = redis::Parser::new();
         self.rbuf.clear();
