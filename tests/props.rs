@@ -147,6 +147,46 @@ proptest! {
         }
     }
 
+    /// Near-RESP garbage (type bytes, lengths, CRLFs in any order) reaches the deep
+    /// paths: never a panic, the buffer stays bounded, the parser gets only whole values.
+    #[test]
+    fn resp_readbuf_survives_resp_shaped_garbage(
+        tokens in proptest::collection::vec(
+            prop::sample::select(vec![
+                "*", "$", ">", "%", "|", "~", ":", "+", "-", "_", "#", ",", "(", "=", "!",
+                "\r\n", "\r", "\n", "0", "1", "2", "3", "-1", "-2", "99", "abc", "",
+            ]),
+            0..200,
+        ),
+        chunk in 1usize..64,
+    ) {
+        let wire: Vec<u8> = tokens.concat().into_bytes();
+        let mut rb = ReadBuf::new(16);
+        let mut parser = redis::Parser::new();
+        let mut at = 0;
+        loop {
+            match rb.frame() {
+                Ok(Next::Ready) => while let Some(v) = rb.parse_one(&mut parser) {
+                    // A parse error is fine (the link would reconnect); a hang or panic not.
+                    if v.is_err() {
+                        parser = redis::Parser::new();
+                    }
+                },
+                Ok(Next::Dropped) => {}
+                Ok(Next::NeedMore) if at < wire.len() => {
+                    let end = (at + chunk).min(wire.len());
+                    let mut piece = &wire[at..end];
+                    match rb.fill(&mut piece) {
+                        Ok(n) => at += n,
+                        Err(_) => break,
+                    }
+                    prop_assert!(rb.capacity() <= 16 + 2 * 64 * 1024);
+                }
+                Ok(Next::NeedMore) | Err(_) => break,
+            }
+        }
+    }
+
     /// Pub/Sub messages of random sizes around the limit, read in random chunk sizes:
     /// exactly those within the limit come out, in order, and the buffer stays bounded.
     #[test]

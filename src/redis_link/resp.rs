@@ -45,6 +45,9 @@ pub fn scan(buf: &[u8], max_bulk: usize) -> Scan {
                 Scan::Partial
             };
         };
+        if line_end == 0 {
+            return Scan::Invalid("empty line");
+        }
         let line = &buf[pos + 1..pos + line_end];
         let kind = buf[pos];
         let next = pos + line_end + 2;
@@ -323,6 +326,9 @@ mod tests {
         assert!(matches!(scan(b"$x\r\n", 10), Scan::Invalid(_)));
         assert!(matches!(scan(b"$-2\r\n", 10), Scan::Invalid(_)));
         assert!(matches!(scan(b"?\r\n", 10), Scan::Invalid(_)));
+        // Found by the proptest: an empty line (no type byte) used to panic.
+        assert!(matches!(scan(b"\r\n", 10), Scan::Invalid(_)));
+        assert!(matches!(scan(b"*2\r\n:1\r\n\r\n", 10), Scan::Invalid(_)));
         assert!(matches!(scan(b"$2\r\nabcd", 10), Scan::Invalid(_)));
         assert!(matches!(scan(&[b'+'; MAX_LINE + 2], 10), Scan::Invalid(_)));
     }
