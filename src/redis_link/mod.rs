@@ -36,6 +36,19 @@ use redis::Value;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// At most one line per this interval for warnings that could flood the log.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// True when a rate-limited warning may be logged again (and records that it was).
+fn log_due(last: &mut Option<Instant>) -> bool {
+    let now = Instant::now();
+    if last.is_some_and(|t| now - t <= LOG_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// PUBLISH bytes handed to the socket per iteration; the rest waits its turn.
 const PUBLISH_CHUNK: usize = 512 * 1024;
 /// Channels per SUBSCRIBE command when re-subscribing many at once.
@@ -132,6 +145,16 @@ impl RedisLink {
         (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// The subscription or the publish link. (Where other fields are used while a link
+    /// is borrowed, the match is spelled out instead so the borrows stay split.)
+    fn link(&mut self, is_sub: bool) -> &mut Link {
+        if is_sub {
+            &mut self.sub
+        } else {
+            &mut self.publ
+        }
+    }
+
     fn redis_name(&self, channel: &str) -> String {
         format!("{}{}", self.prefix, channel)
     }
@@ -209,12 +232,7 @@ impl RedisLink {
 
     fn count_drop(&mut self) {
         self.dropped += 1;
-        let now = Instant::now();
-        if self
-            .last_drop_log
-            .is_none_or(|t| now - t > Duration::from_secs(5))
-        {
-            self.last_drop_log = Some(now);
+        if log_due(&mut self.last_drop_log) {
             warn!(
                 "redis outage buffer full: dropping oldest messages ({} dropped so far)",
                 self.dropped
@@ -266,11 +284,7 @@ impl RedisLink {
 
     pub fn on_event(&mut self, registry: &Registry, ev: &Event, now: Instant) {
         let is_sub = ev.token() == REDIS_SUB;
-        let link = if is_sub {
-            &mut self.sub
-        } else {
-            &mut self.publ
-        };
+        let link = self.link(is_sub);
         if link.state == State::Connecting {
             let Some(progress) = link.stream.as_mut().map(Stream::progress) else {
                 return;
@@ -298,11 +312,7 @@ impl RedisLink {
                 }
             }
         }
-        let link = if is_sub {
-            &mut self.sub
-        } else {
-            &mut self.publ
-        };
+        let link = self.link(is_sub);
         if link.state != State::Up {
             return;
         }
@@ -321,21 +331,13 @@ impl RedisLink {
     /// Handles every complete value available, until the socket would block.
     fn read(&mut self, is_sub: bool) -> Result<(), String> {
         loop {
-            let link = if is_sub {
-                &mut self.sub
-            } else {
-                &mut self.publ
-            };
+            let link = self.link(is_sub);
             let Some(stream) = link.stream.as_mut() else {
                 return Ok(());
             };
             match link.rbuf.frame() {
                 Ok(Next::Ready) => loop {
-                    let link = if is_sub {
-                        &mut self.sub
-                    } else {
-                        &mut self.publ
-                    };
+                    let link = self.link(is_sub);
                     let Some(v) = link.rbuf.parse_one(&mut link.parser) else {
                         break;
                     };
@@ -363,12 +365,7 @@ impl RedisLink {
     /// is not delivered: clients would have to be cut off for it.
     fn count_oversize(&mut self) {
         self.oversize += 1;
-        let now = Instant::now();
-        if self
-            .last_oversize_log
-            .is_none_or(|t| now - t > Duration::from_secs(5))
-        {
-            self.last_oversize_log = Some(now);
+        if log_due(&mut self.last_oversize_log) {
             warn!(
                 "redis: message larger than --max-message-size {} bytes not delivered ({} so far)",
                 self.max_payload, self.oversize
@@ -580,11 +577,7 @@ impl RedisLink {
             }
         }
         for is_sub in [true, false] {
-            let link = if is_sub {
-                &mut self.sub
-            } else {
-                &mut self.publ
-            };
+            let link = self.link(is_sub);
             if let Err(e) = link.write() {
                 self.fail(registry, is_sub, &format!("write: {e}"), now);
             }
