@@ -579,3 +579,24 @@ fn a_lookup_that_never_answers_times_out_is_retried_and_leaves_no_zombies() {
     });
     assert!(dns.queries() >= 4, "every attempt asked DNS again");
 }
+
+#[test]
+fn a_name_without_addresses_is_retried_and_logged_with_the_reason() {
+    let Some(dns) = FakeDns::start(vec![]) else {
+        return;
+    };
+    dns.answer();
+    let a = Wsfan::start_with_resolv_conf(
+        &dns.resolv_conf,
+        &[
+            "--redis",
+            "redis://redis.wsfan.test:6390",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    eventually(10.0, "two failed lookups per link", || {
+        a.log().matches("(resolve: redis.wsfan.test: ").count() >= 4
+    });
+    assert_eq!(a.status("/readyz"), 503);
+}

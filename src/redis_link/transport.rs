@@ -87,7 +87,7 @@ impl Target {
 /// The hidden `wsfan --resolve HOST PORT` mode: getaddrinfo (hosts file, DNS search
 /// domains, everything glibc's resolver does) in a short-lived process of its own, so
 /// a slow or dead DNS server can only delay the Redis link, never stall the loop.
-/// Prints one address per line; exit status 1 when there is none.
+/// Prints one address per line, or one line `!<why>` and exit status 1.
 pub fn resolve_main(host: &str, port: &str) -> i32 {
     let Ok(port) = port.parse::<u16>() else {
         return 2;
@@ -99,11 +99,15 @@ pub fn resolve_main(host: &str, port: &str) -> i32 {
                 out.push_str(&a.to_string());
                 out.push('\n');
             }
+            if out.is_empty() {
+                println!("!no address for {host}");
+                return 1;
+            }
             print!("{out}");
-            i32::from(out.is_empty())
+            0
         }
         Err(e) => {
-            eprintln!("wsfan: resolving {host}: {e}");
+            println!("!{host}: {e}");
             1
         }
     }
@@ -157,10 +161,11 @@ impl Resolver {
                 Err(e) => return Err(e),
             }
         }
-        let addrs: Vec<SocketAddr> = String::from_utf8_lossy(&self.buf)
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect();
+        let text = String::from_utf8_lossy(&self.buf);
+        if let Some(why) = text.strip_prefix('!') {
+            return Err(io::Error::other(why.trim_end().to_string()));
+        }
+        let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.parse().ok()).collect();
         if addrs.is_empty() {
             return Err(io::Error::other("host name not resolved"));
         }
