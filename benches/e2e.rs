@@ -415,7 +415,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// Broadcasts (and raw-write floor rounds) per measurement: medians of this many.
-const BROADCAST_ROUNDS: usize = 15;
+const BROADCAST_ROUNDS: usize = 25;
 
 // ---- phases -----------------------------------------------------------------------
 
@@ -461,11 +461,14 @@ fn idle_and_broadcast(n: usize) {
     );
 
     // Broadcast: client 0 sends one 64-byte message; time until all n have it. Each
-    // round is followed by a round of each floor, so all see the same machine conditions.
+    // round is paired with a floor round, so both see the same machine conditions.
     let mut floor_rig = FloorRig::new(n);
     let (mut spans, mut cpus, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut floors, mut floor_walls) = (Vec::new(), Vec::new());
     for round in 0..BROADCAST_ROUNDS {
+        // Floor before the broadcast on odd rounds, after it on even ones: drift in
+        // machine speed during the run falls on both sides equally.
+        let floor_first = (round % 2 == 1).then(|| floor_rig.round());
         let payload = format!("{round:064}");
         let frame = client_frame(payload.as_bytes());
         let before = fleet.total_received();
@@ -490,7 +493,7 @@ fn idle_and_broadcast(n: usize) {
             n as u64,
             "every connection got the broadcast"
         );
-        let (floor, wall) = floor_rig.round();
+        let (floor, wall) = floor_first.unwrap_or_else(|| floor_rig.round());
         cpus.push(cpu);
         floors.push(floor);
         floor_walls.push(wall);
