@@ -107,6 +107,8 @@ impl Default for Config {
 pub enum ConfigError {
     /// `--help` was asked for: print [`usage`] and exit 0.
     Help,
+    /// `--version` was asked for: print the version and exit 0.
+    Version,
     /// The named flag has a bad value or is unknown.
     Invalid { flag: String, reason: String },
 }
@@ -115,6 +117,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Help => write!(f, "help requested"),
+            ConfigError::Version => write!(f, "version requested"),
             ConfigError::Invalid { flag, reason } => write!(f, "invalid --{flag}: {reason}"),
         }
     }
@@ -147,7 +150,7 @@ const FLAGS: &[(&str, &str, &str)] = &[
     (
         "max-message-size",
         "BYTES",
-        "largest client message; larger closes 1009 [default: 65536]",
+        "largest message; a client's larger closes 1009, Redis's larger is skipped [default: 65536]",
     ),
     (
         "max-outbound-bytes",
@@ -212,7 +215,7 @@ const FLAGS: &[(&str, &str, &str)] = &[
     (
         "redis-timeout",
         "SECS",
-        "unanswered PING marks the link dead [default: 5]",
+        "unanswered PING (or unfinished connect) marks the link dead [default: 5]",
     ),
     (
         "redis-backoff-max",
@@ -250,7 +253,8 @@ pub fn usage() -> String {
     for (name, hint, help) in FLAGS {
         s.push_str(&format!("  --{:<22} {}\n", format!("{name} {hint}"), help));
     }
-    s.push_str("  --help                     print this help\n");
+    s.push_str("  --version                print the version\n");
+    s.push_str("  --help                   print this help\n");
     s
 }
 
@@ -274,6 +278,9 @@ impl Config {
         while let Some(arg) = args.next() {
             if arg == "--help" || arg == "-h" {
                 return Err(ConfigError::Help);
+            }
+            if arg == "--version" || arg == "-V" {
+                return Err(ConfigError::Version);
             }
             let Some(body) = arg.strip_prefix("--") else {
                 return Err(invalid(&arg, "unexpected argument"));
@@ -475,5 +482,9 @@ mod tests {
             }
         }
         assert_eq!(parse(&["--help"], &[]).unwrap_err(), ConfigError::Help);
+        assert_eq!(
+            parse(&["--version"], &[]).unwrap_err(),
+            ConfigError::Version
+        );
     }
 }

@@ -16,6 +16,10 @@ fn main() {
             print!("{}", usage());
             return;
         }
+        Err(ConfigError::Version) => {
+            println!("wsfan {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
         Err(e) => {
             eprintln!("wsfan: {e}");
             std::process::exit(2);

@@ -391,6 +391,15 @@ fn bad_flags_exit_2_naming_the_flag() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--max-outbound-bytes"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfan"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("wsfan {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
