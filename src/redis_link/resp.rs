@@ -85,12 +85,14 @@ pub fn scan(buf: &[u8], max_bulk: usize) -> Scan {
                     return Scan::Invalid("bad aggregate length");
                 };
                 let n = u64::try_from(n).unwrap_or(0); // -1: null array
-                pending += match kind {
-                    b'%' => 2 * n,
+                                                       // Saturating: an absurd count only means "Partial" until the buffer is
+                                                       // full, which is an error then.
+                pending = pending.saturating_add(match kind {
+                    b'%' => n.saturating_mul(2),
                     // An attribute map is followed by the value it describes.
-                    b'|' => 2 * n + 1,
+                    b'|' => n.saturating_mul(2).saturating_add(1),
                     _ => n,
-                };
+                });
                 pos = next;
             }
             _ => return Scan::Invalid("unknown type byte"),
@@ -326,6 +328,8 @@ mod tests {
         assert!(matches!(scan(b"$x\r\n", 10), Scan::Invalid(_)));
         assert!(matches!(scan(b"$-2\r\n", 10), Scan::Invalid(_)));
         assert!(matches!(scan(b"?\r\n", 10), Scan::Invalid(_)));
+        let huge = b"%9223372036854775807\r\n%9223372036854775807\r\n";
+        assert_eq!(scan(huge, 10), Scan::Partial);
         // Found by the proptest: an empty line (no type byte) used to panic.
         assert!(matches!(scan(b"\r\n", 10), Scan::Invalid(_)));
         assert!(matches!(scan(b"*2\r\n:1\r\n\r\n", 10), Scan::Invalid(_)));
