@@ -120,7 +120,8 @@ const MAX_RESOLVER_OUTPUT: usize = 4096;
 
 /// A running `wsfan --resolve`: its stdout is a non-blocking pipe in the poll.
 pub(super) struct Resolver {
-    child: std::process::Child,
+    /// `None` once handed over by `finish`.
+    child: Option<std::process::Child>,
     out: mio::unix::pipe::Receiver,
     buf: Vec<u8>,
 }
@@ -140,7 +141,7 @@ impl Resolver {
         let out = mio::unix::pipe::Receiver::from(stdout);
         out.set_nonblocking(true)?;
         Ok(Resolver {
-            child,
+            child: Some(child),
             out,
             buf: Vec::new(),
         })
@@ -175,13 +176,23 @@ impl Resolver {
     /// Stops the child (if it is still running) and reaps it, or hands it back to be
     /// reaped later.
     fn finish(mut self) -> Option<std::process::Child> {
-        if let Ok(Some(_)) = self.child.try_wait() {
+        let mut child = self.child.take()?;
+        if let Ok(Some(_)) = child.try_wait() {
             return None;
         }
-        let _ = self.child.kill();
-        match self.child.try_wait() {
-            Ok(None) => Some(self.child),
+        let _ = child.kill();
+        match child.try_wait() {
+            Ok(None) => Some(child),
             _ => None,
+        }
+    }
+}
+
+impl Drop for Resolver {
+    /// At exit (the link dropped with a lookup in flight) the child is not left running.
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
         }
     }
 }
