@@ -1,5 +1,5 @@
-//! systemd readiness notification (`Type=notify`): one datagram to `$NOTIFY_SOCKET`.
-//! No daemon and no library: the protocol is a line of `KEY=VALUE` text.
+//! systemd readiness notification (`Type=notify`): one non-blocking datagram to
+//! `$NOTIFY_SOCKET`. No daemon and no library: the protocol is a line of `KEY=VALUE` text.
 
 use log::{debug, warn};
 use std::os::unix::net::UnixDatagram;
@@ -11,6 +11,9 @@ pub fn send(state: &str) {
     };
     let bytes = path.as_encoded_bytes();
     let result = UnixDatagram::unbound().and_then(|sock| {
+        // Never wait on the service manager from the loop: if its queue is full the
+        // notification is dropped (and logged) instead.
+        sock.set_nonblocking(true)?;
         if let Some(name) = bytes.strip_prefix(b"@") {
             // Abstract socket namespace.
             use std::os::linux::net::SocketAddrExt;

@@ -360,3 +360,47 @@ fn systemd_notify_ready_and_stopping() {
     assert_eq!(s.wait_exit(10.0).code(), Some(0));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_service_manager_that_does_not_read_never_stalls_the_loop() {
+    let dir = std::env::temp_dir().join(format!("wsfan-notify-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    // Fill its queue: the next sender would wait.
+    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    let mut queued = 0;
+    while filler.send_to(b"X=1", &path).is_ok() {
+        queued += 1;
+        assert!(queued < 1_000_000, "queue never filled");
+    }
+    let s = Wsfan::start_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    s.wait_log("could not notify service manager (READY=1)", 10.0);
+    assert_eq!(s.status("/healthz"), 200);
+    let mut ws = connect(&s.url("/"));
+    send_text(&mut ws, "still serving");
+    assert_eq!(recv_text(&mut ws), "still serving");
+    drop(sock);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn standalone_notifies_ready_without_waiting_for_traffic() {
+    let dir = std::env::temp_dir().join(format!("wsfan-notify-alone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _s = Wsfan::start_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    // No request is made: READY=1 must not wait for one (or for the 25 s ping timer).
+    let mut buf = [0u8; 64];
+    let n = sock
+        .recv(&mut buf)
+        .expect("READY=1 within 10 s, no traffic");
+    assert_eq!(&buf[..n], b"READY=1");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -175,6 +175,9 @@ impl Server {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut now = Instant::now();
         self.bus.tick(self.poll.registry(), now);
+        // Standalone is ready before any event arrives: tell systemd now, not at the
+        // first connection or timer.
+        self.notify_ready_once();
         loop {
             let timeout = self.poll_timeout(now);
             match self.poll.poll(&mut events, timeout) {
