@@ -419,8 +419,18 @@ const BROADCAST_ROUNDS: usize = 25;
 
 // ---- phases -----------------------------------------------------------------------
 
-fn idle_and_broadcast(n: usize) {
-    let (p, addr) = start_wsfan(&["--max-connections", &(n + 1000).to_string()]);
+fn idle_and_broadcast(wanted: usize) {
+    // wsfan and this process each hold one descriptor per connection.
+    let fits = nofile_limit().saturating_sub(1000) / 1000 * 1000;
+    let n = wanted.min(fits.max(1000));
+    if n < wanted {
+        println!(
+            "idle memory: {wanted} connections do not fit this machine's open-files limit ({}); \
+             measuring {n} instead (raise the hard limit: ulimit -Hn / LimitNOFILE)",
+            nofile_limit()
+        );
+    }
+    let (p, addr) = start_wsfan(&["--max-connections", &(n + 500).to_string()]);
     let pid = p.0.id();
     std::thread::sleep(Duration::from_millis(200));
     let rss0 = rss_kb(pid);
@@ -683,6 +693,19 @@ fn floor_reader() {
             println!("round");
         }
     }
+}
+
+/// The open-files limit after `raise_nofile` (soft = hard where allowed).
+fn nofile_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return usize::MAX;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
 fn coalescing(clients: usize) {
