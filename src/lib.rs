@@ -11,7 +11,8 @@
 //! | [`conn`]        | one connection's state and phases                            |
 //! | [`hub`]         | sans-IO channel registry (channel ⇄ connections)              |
 //! | [`bus`]         | the backplane seam: in-memory (standalone) or Redis          |
-//! | [`redis_link`]  | Redis Pub/Sub links in the same poller                        |
+//! | [`redis_link`]  | Redis Pub/Sub links in the same poller; RESP framing with a  |
+//! |                 | size cap (`resp`); host-name lookup in a child process        |
 //! | [`envelope`]    | how a message's kind travels inside a Redis payload          |
 //! | [`ws`]          | sans-IO WebSocket frame decoding and server frame encoding   |
 //! | [`http`]        | sans-IO HTTP request heads and responses                      |
