@@ -6,8 +6,8 @@
 //! timers → write Redis commands → flush every connection with queued output once
 //! (WRITABLE interest only for leftovers) → poll again.
 //!
-//! This file owns the loop, accepting and the poll timeout; [`read`] turns bytes into
-//! requests and publishes, [`fanout`] queues and writes, [`lifecycle`] closes
+//! This file owns the loop, accepting and the poll timeout; `read` turns bytes into
+//! requests and publishes, `fanout` queues and writes, `lifecycle` closes
 //! connections, runs timers and the staged shutdown. HTTP routing is in `routes`.
 
 mod fanout;
@@ -89,7 +89,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listener and sets everything up; nothing is accepted until [`run`].
+    /// Binds the listener and sets everything up; nothing is accepted until [`Server::run`].
     pub fn bind(cfg: Config) -> io::Result<Server> {
         let poll = Poll::new()?;
         let mut listener = crate::listen::bind(&cfg)?;
