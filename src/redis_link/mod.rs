@@ -10,8 +10,10 @@
 //! Commands are encoded with the redis crate (`redis::cmd(..).get_packed_command()`);
 //! replies and pushes are read into a bounded buffer per connection, framed by `resp`
 //! (which skips a message larger than `--max-message-size` as it streams past), and
-//! each whole value is parsed by the connection's `redis::Parser`. Each link reconnects with capped exponential backoff and jitter and is
-//! PINGed with a deadline, so a silent dead link is noticed. While the publish side is
+//! each whole value is parsed by the connection's `redis::Parser`. A host name is looked
+//! up by a child process (`transport::Resolver`), never on the loop. Each link
+//! reconnects with capped exponential backoff and jitter and is PINGed with a deadline,
+//! so a silent dead link is noticed. While the publish side is
 //! down (or the subscription side is re-subscribing), publishes wait in a bounded
 //! buffer and go out in order afterwards; publishes whose replies never came are sent
 //! again (at-least-once across a reconnect).
