@@ -120,6 +120,18 @@ impl Bus {
         }
     }
 
+    /// Goes on reading input a previous read left for this iteration (read budget).
+    pub fn resume_reads(&mut self, registry: &Registry, now: Instant) {
+        if let Bus::Redis(r) = self {
+            r.resume_reads(registry, now);
+        }
+    }
+
+    /// Input is waiting to be read without a new readiness event: poll without sleeping.
+    pub fn has_more_to_read(&self) -> bool {
+        matches!(self, Bus::Redis(r) if r.has_more_to_read())
+    }
+
     /// Timers (reconnect, PING deadlines) and writing what was queued this iteration.
     pub fn tick(&mut self, registry: &Registry, now: Instant) {
         if let Bus::Redis(r) = self {

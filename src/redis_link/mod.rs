@@ -36,6 +36,7 @@ use mio::event::Event;
 use mio::{Interest as Ready, Registry};
 use redis::Value;
 use std::collections::{HashMap, VecDeque};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// At most one line per this interval for warnings that could flood the log.
@@ -50,6 +51,10 @@ fn log_due(last: &mut Option<Instant>) -> bool {
     *last = Some(now);
     true
 }
+
+/// Bytes read from one Redis link per loop iteration: what they carry is fanned out
+/// before more is read, so a backlog in Redis neither starves clients nor piles up here.
+const READ_BUDGET: usize = 1024 * 1024;
 
 /// PUBLISH bytes handed to the socket per iteration; the rest waits its turn.
 const PUBLISH_CHUNK: usize = 512 * 1024;
@@ -80,6 +85,8 @@ pub struct RedisLink {
     max_bytes: usize,
     /// Largest payload delivered to clients (`--max-message-size`).
     max_payload: usize,
+    /// Bytes read per link per iteration (`READ_BUDGET`; smaller in unit tests).
+    read_budget: usize,
     ping_interval: Duration,
     timeout: Duration,
     backoff_max: Duration,
@@ -114,6 +121,7 @@ impl RedisLink {
             max_msgs: cfg.redis_buffer_messages,
             max_bytes: cfg.redis_buffer_bytes,
             max_payload: cfg.max_message_size,
+            read_budget: READ_BUDGET,
             ping_interval: cfg.redis_ping_interval,
             timeout: cfg.redis_timeout,
             backoff_max: cfg.redis_backoff_max,
@@ -330,8 +338,28 @@ impl RedisLink {
         }
     }
 
-    /// Handles every complete value available, until the socket would block.
+    /// Links whose read stopped at the budget: read on (before this iteration's
+    /// deliveries are fanned out).
+    pub fn resume_reads(&mut self, registry: &Registry, now: Instant) {
+        for is_sub in [true, false] {
+            let link = self.link(is_sub);
+            if std::mem::take(&mut link.more_to_read) && link.state == State::Up {
+                if let Err(why) = self.read(is_sub) {
+                    self.fail(registry, is_sub, &why, now);
+                }
+            }
+        }
+    }
+
+    /// A link has input waiting that the last read left for later.
+    pub fn has_more_to_read(&self) -> bool {
+        self.sub.more_to_read || self.publ.more_to_read
+    }
+
+    /// Handles every complete value available, until the socket would block or this
+    /// iteration's read budget is spent (then `resume_reads` goes on next iteration).
     fn read(&mut self, is_sub: bool) -> Result<(), String> {
+        let mut budget = self.read_budget;
         loop {
             let link = self.link(is_sub);
             let Some(stream) = link.stream.as_mut() else {
@@ -351,13 +379,22 @@ impl RedisLink {
                     }
                 },
                 Ok(Next::Dropped) => self.count_oversize(),
-                Ok(Next::NeedMore) => match link.rbuf.fill(stream) {
-                    Ok(0) => return Err("closed by redis".to_string()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("read: {e}")),
-                },
+                Ok(Next::NeedMore) if budget == 0 => {
+                    // More may be waiting in the socket; edge-triggered polling won't
+                    // say so again, so the loop comes back here without waiting.
+                    link.more_to_read = true;
+                    return Ok(());
+                }
+                // At most the budget's rest per read (`take`'s Ok(0) can only be EOF here).
+                Ok(Next::NeedMore) => {
+                    match link.rbuf.fill(&mut Read::take(stream, budget as u64)) {
+                        Ok(0) => return Err("closed by redis".to_string()),
+                        Ok(n) => budget = budget.saturating_sub(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("read: {e}")),
+                    }
+                }
                 Err(why) => return Err(format!("protocol: {why}")),
             }
         }
@@ -643,6 +680,67 @@ impl RedisLink {
                 debug!("redis {} link connecting", link.name);
             }
             Err(e) => self.fail(registry, is_sub, &format!("connect: {e}"), now),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(channel: &str, payload: &str) -> Vec<u8> {
+        format!(
+            "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+            channel.len(),
+            payload.len()
+        )
+        .into_bytes()
+    }
+
+    /// A backlog (here written into a socket pair before wsfan reads) is taken a budget
+    /// at a time, each part fanned out before the next is read, and nothing is lost.
+    #[test]
+    fn a_backlog_is_read_one_budget_per_iteration_and_all_of_it_arrives() {
+        let cfg = Config::parse(Vec::<String>::new(), |_| None).expect("defaults");
+        let mut link = RedisLink::new("redis://127.0.0.1:1", &cfg).expect("url");
+        link.read_budget = 16 * 1024;
+        let (ours, mut redis) = std::os::unix::net::UnixStream::pair().expect("pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        link.sub.stream = Some(Stream::Unix(mio::net::UnixStream::from_std(ours)));
+        link.sub.state = State::Up;
+        let mut wire = Vec::new();
+        let mut n = 0;
+        while wire.len() < 100 * 1024 {
+            wire.extend(push(
+                "room",
+                &format!("message {n:06} padded to some length"),
+            ));
+            n += 1;
+        }
+        std::io::Write::write_all(&mut redis, &wire).expect("fits the socket buffer");
+        let poll = mio::Poll::new().expect("poll");
+        let mut got = Vec::new();
+        link.read(true).expect("read");
+        let mut iterations = 1;
+        link.drain(&mut got);
+        assert!(link.has_more_to_read(), "stopped at the budget");
+        assert!(got.len() < n, "not all in one iteration: {}", got.len());
+        while link.has_more_to_read() {
+            link.resume_reads(poll.registry(), Instant::now());
+            link.drain(&mut got);
+            iterations += 1;
+            assert!(iterations < 100);
+        }
+        assert!(
+            iterations >= 100 * 1024 / (16 * 1024),
+            "{iterations} iterations"
+        );
+        assert_eq!(got.len(), n);
+        for (i, ev) in got.iter().enumerate() {
+            let BusEvent::Deliver { payload, .. } = ev else {
+                panic!("{ev:?}");
+            };
+            assert!(payload.starts_with(format!("message {i:06}").as_bytes()));
         }
     }
 }

@@ -292,6 +292,8 @@ pub(super) struct Link {
     reap: Vec<std::process::Child>,
     pub(super) parser: redis::Parser,
     pub(super) rbuf: ReadBuf,
+    /// The last read stopped at its budget, not at WouldBlock.
+    pub(super) more_to_read: bool,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
     pub(super) retry_at: Instant,
@@ -314,6 +316,7 @@ impl Link {
             reap: Vec::new(),
             parser: redis::Parser::new(),
             rbuf: ReadBuf::new(max_bulk),
+            more_to_read: false,
             out: Vec::new(),
             out_pos: 0,
             retry_at: now,
@@ -407,6 +410,7 @@ impl Link {
         self.state = State::Down;
         self.parser = redis::Parser::new();
         self.rbuf.clear();
+        self.more_to_read = false;
         self.out.clear();
         self.out_pos = 0;
         self.ping_sent = None;

@@ -212,6 +212,7 @@ impl Server {
             self.accept_retry = None;
             self.accept(now);
         }
+        self.bus.resume_reads(self.poll.registry(), now);
         self.drain_bus(now);
         self.close_slow_consumers(now);
         self.run_timers(now);
@@ -231,7 +232,7 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.flush_list.is_empty() || !self.reread.is_empty() {
+        if !self.flush_list.is_empty() || !self.reread.is_empty() || self.bus.has_more_to_read() {
             return Some(Duration::ZERO);
         }
         let mut next = self.next_ping;
