@@ -600,3 +600,43 @@ fn a_name_without_addresses_is_retried_and_logged_with_the_reason() {
     });
     assert_eq!(a.status("/readyz"), 503);
 }
+
+#[test]
+fn an_address_that_swallows_connects_does_not_hold_every_attempt() {
+    let ips = vec![
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        std::net::Ipv4Addr::new(127, 0, 0, 3),
+    ];
+    let Some(dns) = FakeDns::start(ips) else {
+        return;
+    };
+    dns.answer();
+    let redis = Redis::start_with(&["--bind", "127.0.0.1 127.0.0.3"]);
+    // On 127.0.0.2, same port: a listener whose accept queue is full; the kernel drops
+    // further SYNs, so a connect there neither succeeds nor is refused.
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let hole_addr: std::net::SocketAddr = format!("127.0.0.2:{}", redis.port).parse().unwrap();
+    hole.bind(&hole_addr.into()).unwrap();
+    hole.listen(0).unwrap();
+    let _filler = std::net::TcpStream::connect(hole_addr).unwrap();
+    let url = format!("redis://redis.wsfan.test:{}", redis.port);
+    let a = Wsfan::start_with_resolv_conf(
+        &dns.resolv_conf,
+        &[
+            "--redis",
+            &url,
+            "--redis-timeout",
+            "0.5",
+            "--redis-backoff-max",
+            "0.3",
+        ],
+    );
+    eventually(15.0, "ready through the second address", || {
+        a.status("/readyz") == 200
+    });
+    assert!(
+        a.log().contains("connect timed out"),
+        "the silent address was tried first: {}",
+        a.log()
+    );
+}

@@ -302,8 +302,12 @@ impl RedisLink {
             match progress {
                 Ok(Progress::Connected) => self.on_connected(is_sub, now),
                 Ok(Progress::Waiting) => return,
-                Ok(Progress::Resolved(addrs)) => {
+                Ok(Progress::Resolved(mut addrs)) => {
                     debug!("redis {} link: resolved to {addrs:?}", link.name);
+                    // Each failed attempt starts one address further: one that swallows
+                    // connects (silence, not a refusal) cannot hold every attempt.
+                    let start = link.failures as usize % addrs.len().max(1);
+                    addrs.rotate_left(start);
                     link.addrs = addrs.into();
                     if let Err(e) = link.connect_next(registry) {
                         self.fail(registry, is_sub, &format!("connect: {e}"), now);
