@@ -112,6 +112,10 @@ pub struct Conn {
     pub write_shut: bool,
     /// Handshake / keep-alive / linger deadline, depending on the phase.
     pub deadline: Option<Instant>,
+    /// An entry for this connection is in the timer heap, due no later than `deadline`
+    /// (a deadline moved later is re-armed when that entry comes due, so a keep-alive
+    /// connection holds one entry however many requests it makes).
+    pub timer_armed: bool,
     /// Traffic seen since the last keepalive ping.
     pub alive: bool,
     /// Rate limit token bucket: tokens left and when it was last refilled.
@@ -136,6 +140,7 @@ impl Conn {
             in_flush_list: false,
             write_shut: false,
             deadline: None,
+            timer_armed: false,
             alive: true,
             tokens: 0.0,
             refilled: now,

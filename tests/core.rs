@@ -512,3 +512,71 @@ fn a_flooding_client_does_not_starve_the_others() {
     drop(s); // closes the flood connection, ending the reader
     let _ = reader.join();
 }
+
+#[test]
+fn keep_alive_requests_do_not_pile_up_timers() {
+    let s = Wsfan::start(&[]);
+    let pid = s.child.id();
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Warm up allocator and buffers before the baseline.
+    let one = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (batch, batches) = (1000, 150);
+    let count_responses = |c: &mut TcpStream, n: usize| {
+        let mut seen = 0;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut tail = Vec::new();
+        while seen < n {
+            let k = c.read(&mut buf).expect("responses keep coming");
+            assert!(k > 0, "server closed");
+            tail.extend_from_slice(&buf[..k]);
+            seen += tail.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+            let keep = tail.len().min(11);
+            tail.drain(..tail.len() - keep);
+        }
+    };
+    c.write_all(one.repeat(batch).as_bytes()).unwrap();
+    count_responses(&mut c, batch);
+    let peak0 = peak_rss_kb(pid);
+    for _ in 0..batches {
+        c.write_all(one.repeat(batch).as_bytes()).unwrap();
+        count_responses(&mut c, batch);
+    }
+    let grew = peak_rss_kb(pid).saturating_sub(peak0);
+    assert!(
+        grew < 2048,
+        "peak RSS grew {grew} KiB over {} keep-alive requests on one connection",
+        batch * batches
+    );
+}
+
+#[test]
+fn a_keep_alive_deadline_moves_with_each_request() {
+    // Idle limit 1.5 s. A request at 0 s, then one at ~1 s moves the deadline to ~2.5 s:
+    // the connection must outlive the first deadline and still be closed once idle.
+    let s = Wsfan::start(&["--handshake-timeout", "1.5"]);
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    for at in [0.0, 1.0] {
+        let wait = Duration::from_secs_f64(at).saturating_sub(start.elapsed());
+        std::thread::sleep(wait); // the schedule under test, not a wait for a result
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (status, _, _) = read_response(&mut c, false);
+        assert_eq!(status, 200, "request at {at} s");
+    }
+    let second = start.elapsed();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest); // returns when the server closes
+    let closed = start.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        closed >= second + Duration::from_millis(1000),
+        "closed at {closed:?}, before the deadline the second request set"
+    );
+    assert!(
+        closed < Duration::from_secs(8),
+        "idle connection never closed"
+    );
+}

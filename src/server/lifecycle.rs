@@ -61,8 +61,14 @@ impl Server {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };
+        // An armed entry is due no later than the old deadline; it still serves when
+        // the deadline moves later (it re-arms when due). An earlier one needs its own.
+        let needs_entry = !c.timer_armed || c.deadline.is_none_or(|old| at < old);
         c.deadline = Some(at);
-        self.timers.push(Reverse((at, id.0, c.serial)));
+        if needs_entry {
+            c.timer_armed = true;
+            self.timers.push(Reverse((at, id.0, c.serial)));
+        }
     }
 
     pub(super) fn run_timers(&mut self, now: Instant) {
@@ -71,13 +77,22 @@ impl Server {
                 break;
             }
             self.timers.pop();
-            let Some(c) = self.conns.get(key) else {
+            let Some(c) = self.conns.get_mut(key) else {
                 continue;
             };
-            if c.serial != serial || c.deadline.is_none_or(|d| d > now) {
-                continue; // stale: the connection moved on
+            if c.serial != serial {
+                continue; // stale: the slot holds a newer connection
             }
-            self.on_deadline(ConnId(key), now);
+            c.timer_armed = false;
+            match c.deadline {
+                None => {}
+                Some(d) if d > now => {
+                    // Moved later since this entry was pushed: one entry, re-armed.
+                    c.timer_armed = true;
+                    self.timers.push(Reverse((d, key, serial)));
+                }
+                Some(_) => self.on_deadline(ConnId(key), now),
+            }
         }
         if now >= self.next_ping {
             self.next_ping = now + self.cfg.ping_interval;
