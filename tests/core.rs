@@ -580,3 +580,32 @@ fn a_keep_alive_deadline_moves_with_each_request() {
         "idle connection never closed"
     );
 }
+
+#[test]
+fn closed_connections_do_not_leave_timers_behind() {
+    // Each connection arms a deadline at accept; it used to stay in the timer heap until
+    // due (60 s here) after the connection was gone.
+    let s = Wsfan::start(&["--handshake-timeout", "60"]);
+    let pid = s.child.id();
+    let one = |addr| {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).unwrap(); // the server closes first: no client TIME_WAIT
+        assert!(out.starts_with(b"HTTP/1.1 200"));
+    };
+    for _ in 0..2000 {
+        one(s.addr);
+    }
+    let peak0 = peak_rss_kb(pid);
+    for _ in 0..40_000 {
+        one(s.addr);
+    }
+    let grew = peak_rss_kb(pid).saturating_sub(peak0);
+    eprintln!("peak RSS grew {grew} KiB");
+    assert!(
+        grew < 768,
+        "peak RSS grew {grew} KiB over 40,000 closed connections"
+    );
+}

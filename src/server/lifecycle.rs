@@ -68,7 +68,23 @@ impl Server {
         if needs_entry {
             c.timer_armed = true;
             self.timers.push(Reverse((at, id.0, c.serial)));
+            self.compact_timers();
         }
+    }
+
+    /// Entries of closed connections stay in the heap until due; once they outnumber
+    /// the live ones they are dropped in one pass (amortized O(1) per push), so the heap
+    /// stays within about twice the open connections (`--max-connections`).
+    fn compact_timers(&mut self) {
+        if self.timers.len() <= 2 * self.conns.len() + TIMER_SLACK {
+            return;
+        }
+        let conns = &self.conns;
+        self.timers.retain(|Reverse((_, key, serial))| {
+            conns
+                .get(*key)
+                .is_some_and(|c| c.serial == *serial && c.timer_armed)
+        });
     }
 
     pub(super) fn run_timers(&mut self, now: Instant) {

@@ -54,6 +54,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const REJECT_RESERVE: usize = 64;
 /// Readiness events handled per poll call.
 const EVENTS_CAPACITY: usize = 1024;
+/// Timer-heap entries allowed beyond twice the open connections before stale ones
+/// (closed connections) are swept out.
+const TIMER_SLACK: usize = 1024;
 /// A WebSocket connection still waiting for its 101 buffers at most this much input.
 const MAX_EARLY_INPUT: usize = 64 * 1024;
 
