@@ -84,9 +84,9 @@ pub fn scan(buf: &[u8], max_bulk: usize) -> Scan {
                 let Some(n) = parse_len(line) else {
                     return Scan::Invalid("bad aggregate length");
                 };
-                let n = u64::try_from(n).unwrap_or(0); // -1: null array
-                                                       // Saturating: an absurd count only means "Partial" until the buffer is
-                                                       // full, which is an error then.
+                // -1 is a null aggregate. Saturating: an absurd count only means
+                // "Partial" until the buffer is full, which is an error then.
+                let n = u64::try_from(n).unwrap_or(0);
                 pending = pending.saturating_add(match kind {
                     b'%' => n.saturating_mul(2),
                     // An attribute map is followed by the value it describes.
