@@ -331,76 +331,86 @@ fn reuse_port_processes_share_one_port_and_talk_through_redis() {
     }
 }
 
+/// A Unix datagram socket standing in for systemd's `$NOTIFY_SOCKET`, in a fresh folder
+/// (removed on drop).
+struct NotifySocket {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+    sock: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn new(tag: &str) -> NotifySocket {
+        let dir = std::env::temp_dir().join(format!("wsfan-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        NotifySocket { dir, path, sock }
+    }
+
+    fn env(&self) -> (&'static str, &str) {
+        ("NOTIFY_SOCKET", self.path.to_str().unwrap())
+    }
+
+    fn recv(&self) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        let n = self
+            .sock
+            .recv(&mut buf)
+            .expect("a notification within 10 s");
+        buf[..n].to_vec()
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn systemd_notify_ready_and_stopping() {
-    let dir = std::env::temp_dir().join(format!("wsfan-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let notify = NotifySocket::new("notify");
     let redis = Redis::start();
     let url = redis.url();
-    let mut s = Wsfan::start_env(
-        &["--redis", &url],
-        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
-    );
-    let mut buf = [0u8; 256];
-    let n = sock.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"READY=1");
+    let mut s = Wsfan::start_env(&["--redis", &url], &[notify.env()]);
+    assert_eq!(notify.recv(), b"READY=1");
     assert_eq!(
         s.status("/readyz"),
         200,
         "READY=1 only once subscribed/ready"
     );
     s.signal("TERM");
-    let n = sock.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(notify.recv(), b"STOPPING=1");
     assert_eq!(s.wait_exit(10.0).code(), Some(0));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn a_service_manager_that_does_not_read_never_stalls_the_loop() {
-    let dir = std::env::temp_dir().join(format!("wsfan-notify-full-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let notify = NotifySocket::new("notify-full");
     // Fill its queue: the next sender would wait.
     let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
     filler.set_nonblocking(true).unwrap();
     let mut queued = 0;
-    while filler.send_to(b"X=1", &path).is_ok() {
+    while filler.send_to(b"X=1", &notify.path).is_ok() {
         queued += 1;
         assert!(queued < 1_000_000, "queue never filled");
     }
-    let s = Wsfan::start_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let s = Wsfan::start_env(&[], &[notify.env()]);
     s.wait_log("could not notify service manager (READY=1)", 10.0);
     assert_eq!(s.status("/healthz"), 200);
     let mut ws = connect(&s.url("/"));
     send_text(&mut ws, "still serving");
     assert_eq!(recv_text(&mut ws), "still serving");
-    drop(sock);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn standalone_notifies_ready_without_waiting_for_traffic() {
-    let dir = std::env::temp_dir().join(format!("wsfan-notify-alone-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _s = Wsfan::start_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let notify = NotifySocket::new("notify-alone");
+    let _s = Wsfan::start_env(&[], &[notify.env()]);
     // No request is made: READY=1 must not wait for one (or for the 25 s ping timer).
-    let mut buf = [0u8; 64];
-    let n = sock
-        .recv(&mut buf)
-        .expect("READY=1 within 10 s, no traffic");
-    assert_eq!(&buf[..n], b"READY=1");
-    std::fs::remove_dir_all(dir).unwrap();
+    assert_eq!(notify.recv(), b"READY=1");
 }

@@ -519,19 +519,25 @@ fn host_names_are_resolved_off_the_loop_even_when_dns_hangs() {
     });
 }
 
-#[test]
-fn a_name_with_several_addresses_falls_through_to_one_that_answers() {
-    // 127.0.0.2 refuses; redis-server listens on 127.0.0.3 (and 127.0.0.1 for the
-    // helper). Neither is 127.0.0.1, which glibc would sort first.
+/// DNS answering redis.wsfan.test with [127.0.0.2, 127.0.0.3] and a redis-server on
+/// 127.0.0.3 (and 127.0.0.1 for the helpers), so the first address has no Redis. Neither
+/// address is 127.0.0.1, which glibc would sort first. `None` without root.
+fn two_addresses_redis_on_the_second() -> Option<(FakeDns, Redis)> {
     let ips = vec![
         std::net::Ipv4Addr::new(127, 0, 0, 2),
         std::net::Ipv4Addr::new(127, 0, 0, 3),
     ];
-    let Some(dns) = FakeDns::start(ips) else {
+    let dns = FakeDns::start(ips)?;
+    dns.answer();
+    Some((dns, Redis::start_with(&["--bind", "127.0.0.1 127.0.0.3"])))
+}
+
+#[test]
+fn a_name_with_several_addresses_falls_through_to_one_that_answers() {
+    // 127.0.0.2 refuses (nothing listens there).
+    let Some((dns, redis)) = two_addresses_redis_on_the_second() else {
         return;
     };
-    dns.answer();
-    let redis = Redis::start_with(&["--bind", "127.0.0.1 127.0.0.3"]);
     let url = format!("redis://redis.wsfan.test:{}", redis.port);
     let a =
         Wsfan::start_with_resolv_conf(&dns.resolv_conf, &["--redis", &url, "--log-level", "debug"]);
@@ -603,15 +609,9 @@ fn a_name_without_addresses_is_retried_and_logged_with_the_reason() {
 
 #[test]
 fn an_address_that_swallows_connects_does_not_hold_every_attempt() {
-    let ips = vec![
-        std::net::Ipv4Addr::new(127, 0, 0, 2),
-        std::net::Ipv4Addr::new(127, 0, 0, 3),
-    ];
-    let Some(dns) = FakeDns::start(ips) else {
+    let Some((dns, redis)) = two_addresses_redis_on_the_second() else {
         return;
     };
-    dns.answer();
-    let redis = Redis::start_with(&["--bind", "127.0.0.1 127.0.0.3"]);
     // On 127.0.0.2, same port: a listener whose accept queue is full; the kernel drops
     // further SYNs, so a connect there neither succeeds nor is refused.
     let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
