@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use wsfan::redis_link::resp::{self, Next, ReadBuf};
+use wsfan::redis_link::resp;
 use wsfan::ws::{Decoder, Event, Kind};
 use wsfan::{envelope, http, hub, jwt, routes};
 
@@ -161,30 +161,9 @@ proptest! {
         chunk in 1usize..64,
     ) {
         let wire: Vec<u8> = tokens.concat().into_bytes();
-        let mut rb = ReadBuf::new(16);
-        let mut parser = redis::Parser::new();
-        let mut at = 0;
-        loop {
-            match rb.frame() {
-                Ok(Next::Ready) => while let Some(v) = rb.parse_one(&mut parser) {
-                    // A parse error is fine (the link would reconnect); a hang or panic not.
-                    if v.is_err() {
-                        parser = redis::Parser::new();
-                    }
-                },
-                Ok(Next::Dropped) => {}
-                Ok(Next::NeedMore) if at < wire.len() => {
-                    let end = (at + chunk).min(wire.len());
-                    let mut piece = &wire[at..end];
-                    match rb.fill(&mut piece) {
-                        Ok(n) => at += n,
-                        Err(_) => break,
-                    }
-                    prop_assert!(rb.capacity() <= 16 + 2 * 64 * 1024);
-                }
-                Ok(Next::NeedMore) | Err(_) => break,
-            }
-        }
+        // Errors are fine (the link would reconnect); a hang, a panic or growth not.
+        let fed = resp::feed(&wire, chunk, 16);
+        prop_assert!(fed.biggest <= 16 + 2 * 64 * 1024);
     }
 
     /// Pub/Sub messages of random sizes around the limit, read in random chunk sizes:
@@ -201,33 +180,21 @@ proptest! {
             wire.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, n));
             wire.extend(b"\r\n");
         }
-        let mut rb = ReadBuf::new(max);
-        let mut parser = redis::Parser::new();
-        let (mut got, mut dropped, mut at) = (Vec::new(), 0, 0);
-        loop {
-            match rb.frame().expect("valid input") {
-                Next::Ready => {
-                    while let Some(v) = rb.parse_one(&mut parser) {
-                        let redis::Value::Array(items) = v.expect("parses") else {
-                            panic!("not an array");
-                        };
-                        let redis::Value::BulkString(p) = &items[2] else {
-                            panic!("no payload");
-                        };
-                        got.push(p.len());
-                    }
-                }
-                Next::Dropped => dropped += 1,
-                Next::NeedMore if at < wire.len() => {
-                    let end = (at + chunk).min(wire.len());
-                    let mut piece = &wire[at..end];
-                    let n = rb.fill(&mut piece).expect("fits");
-                    at += n;
-                    prop_assert!(rb.capacity() <= max + 2 * 64 * 1024);
-                }
-                Next::NeedMore => break,
-            }
-        }
+        let fed = resp::feed(&wire, chunk, max);
+        prop_assert_eq!(fed.error, None);
+        prop_assert!(fed.biggest <= max + 2 * 64 * 1024);
+        let got: Vec<usize> = fed
+            .values
+            .into_iter()
+            .map(|v| match v.expect("parses") {
+                redis::Value::Array(items) => match &items[2] {
+                    redis::Value::BulkString(p) => p.len(),
+                    other => panic!("no payload: {other:?}"),
+                },
+                other => panic!("not an array: {other:?}"),
+            })
+            .collect();
+        let dropped = fed.dropped;
         let want: Vec<usize> = sizes.iter().copied().filter(|&n| n <= max).collect();
         prop_assert_eq!(got, want);
         prop_assert_eq!(dropped, sizes.iter().filter(|&&n| n > max).count());

@@ -276,6 +276,58 @@ impl Read for Framed<'_> {
     }
 }
 
+/// What [`feed`] saw.
+#[derive(Debug, Default)]
+pub struct Fed {
+    /// Every framed value as the redis parser read it, in order.
+    pub values: Vec<redis::RedisResult<redis::Value>>,
+    /// Oversized values skipped.
+    pub dropped: usize,
+    /// The most bytes the buffer held at any time.
+    pub biggest: usize,
+    /// Why framing stopped before the end (invalid input, a value too big to hold).
+    pub error: Option<String>,
+}
+
+/// Runs `wire` through a [`ReadBuf`] the way a Redis link does, `chunk` bytes per read,
+/// parsing every framed value (a parse error starts a fresh parser, as a reconnect
+/// would). For tests and fuzzing.
+pub fn feed(wire: &[u8], chunk: usize, max_bulk: usize) -> Fed {
+    let mut rb = ReadBuf::new(max_bulk);
+    let mut parser = redis::Parser::new();
+    let mut fed = Fed::default();
+    let mut at = 0;
+    loop {
+        match rb.frame() {
+            Ok(Next::Ready) => {
+                while let Some(v) = rb.parse_one(&mut parser) {
+                    if v.is_err() {
+                        parser = redis::Parser::new();
+                    }
+                    fed.values.push(v);
+                }
+            }
+            Ok(Next::Dropped) => fed.dropped += 1,
+            Ok(Next::NeedMore) if at < wire.len() => {
+                let mut piece = &wire[at..(at + chunk.max(1)).min(wire.len())];
+                match rb.fill(&mut piece) {
+                    Ok(n) => at += n,
+                    Err(e) => {
+                        fed.error = Some(e.to_string());
+                        return fed;
+                    }
+                }
+                fed.biggest = fed.biggest.max(rb.capacity());
+            }
+            Ok(Next::NeedMore) => return fed,
+            Err(why) => {
+                fed.error = Some(why.to_string());
+                return fed;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,31 +406,6 @@ mod tests {
         }
     }
 
-    /// Drives a ReadBuf over `input` read `chunk` bytes at a time; returns the values
-    /// (parsed by the redis crate) and the number dropped, plus the largest buffer seen.
-    fn drive(input: &[u8], chunk: usize, max_bulk: usize) -> (Vec<redis::Value>, usize, usize) {
-        let mut rb = ReadBuf::new(max_bulk);
-        let mut r = Trickle { data: input, chunk };
-        let mut parser = redis::Parser::new();
-        let (mut values, mut dropped, mut biggest) = (Vec::new(), 0, 0);
-        loop {
-            match rb.frame().expect("valid") {
-                Next::Ready => {
-                    while let Some(v) = rb.parse_one(&mut parser) {
-                        values.push(v.expect("parses"));
-                    }
-                }
-                Next::Dropped => dropped += 1,
-                Next::NeedMore => match rb.fill(&mut r) {
-                    Ok(_) => biggest = biggest.max(rb.capacity()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("{e}"),
-                },
-            }
-        }
-        (values, dropped, biggest)
-    }
-
     fn message(payload: &[u8]) -> Vec<u8> {
         let mut v = format!(
             "*3\r\n$7\r\nmessage\r\n$4\r\nchat\r\n${}\r\n",
@@ -397,7 +424,11 @@ mod tests {
         input.extend(message(&vec![b'y'; 1000]));
         input.extend(b"+PONG\r\n");
         for chunk in [1, 7, 1000, 65536, 10_000_000] {
-            let (values, dropped, biggest) = drive(&input, chunk, 1000);
+            let fed = feed(&input, chunk, 1000);
+            assert_eq!(fed.error, None, "chunk {chunk}");
+            let (dropped, biggest) = (fed.dropped, fed.biggest);
+            let values: Vec<redis::Value> =
+                fed.values.into_iter().map(|v| v.expect("parses")).collect();
             assert_eq!(dropped, 1, "chunk {chunk}");
             assert_eq!(values.len(), 3, "chunk {chunk}");
             let redis::Value::Array(last_msg) = &values[1] else {
