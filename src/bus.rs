@@ -46,6 +46,10 @@ pub struct BusStats {
     /// Messages from Redis larger than `--max-message-size`, not delivered.
     pub oversize: u64,
     pub published: u64,
+    /// Publishes dropped after `redis_link::MAX_PUBLISH_SENDS` sends without a reply.
+    pub publish_abandoned: u64,
+    /// Redis connect attempts that failed before the link came up.
+    pub connect_failures: u64,
 }
 
 /// Standalone: publishes loop straight back as deliveries, in order.
@@ -106,11 +110,12 @@ impl Bus {
         }
     }
 
-    /// `Ok` while messages flow; otherwise why not (for `/readyz`).
-    pub fn ready(&self) -> Result<(), &'static str> {
+    /// `Ok` while a publish and a subscribe would work now; otherwise why not (for
+    /// `/readyz` and systemd's `READY=1`).
+    pub fn ready(&self, now: Instant) -> Result<(), &'static str> {
         match self {
             Bus::Local(_) => Ok(()),
-            Bus::Redis(r) => r.ready(),
+            Bus::Redis(r) => r.ready(now),
         }
     }
 
@@ -150,18 +155,18 @@ impl Bus {
     pub fn pending(&self) -> usize {
         match self {
             Bus::Local(l) => l.queue.len(),
-            Bus::Redis(r) => r.stats().buffered_messages,
+            Bus::Redis(r) => r.stats(Instant::now()).buffered_messages,
         }
     }
 
-    pub fn stats(&self) -> BusStats {
+    pub fn stats(&self, now: Instant) -> BusStats {
         match self {
             Bus::Local(l) => BusStats {
                 up: true,
                 published: l.published,
                 ..Default::default()
             },
-            Bus::Redis(r) => r.stats(),
+            Bus::Redis(r) => r.stats(now),
         }
     }
 }

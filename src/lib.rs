@@ -21,6 +21,7 @@
 //! | [`metrics`]     | counters and the Prometheus text page                        |
 //! | [`jwt`]         | HS256 token checks for upgrades                              |
 //! | [`limits`]      | raising the open-files limit                                 |
+//! | [`logging`]     | log lines to stderr that never block or crash the loop      |
 //! | [`listen`]      | the listening socket (`SO_REUSEPORT`)                        |
 //! | [`notify`]      | systemd `READY=1` / `STOPPING=1`                             |
 
@@ -33,6 +34,7 @@ pub mod hub;
 pub mod jwt;
 pub mod limits;
 pub mod listen;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod outq;

@@ -1,5 +1,6 @@
 //! The `wsfan` binary: parse flags, set up logging, run.
 
+use std::io::Write;
 use wsfan::config::{usage, Config, ConfigError};
 
 fn main() {
@@ -13,21 +14,20 @@ fn main() {
     let cfg = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(ConfigError::Help) => {
-            print!("{}", usage());
+            let _ = write!(std::io::stdout(), "{}", usage());
             return;
         }
         Err(ConfigError::Version) => {
-            println!("wsfan {}", env!("CARGO_PKG_VERSION"));
+            let _ = writeln!(std::io::stdout(), "wsfan {}", env!("CARGO_PKG_VERSION"));
             return;
         }
         Err(e) => {
-            eprintln!("wsfan: {e}");
+            // Not eprintln!: it panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "wsfan: {e}");
             std::process::exit(2);
         }
     };
-    let _ = simple_logger::SimpleLogger::new()
-        .with_level(cfg.log_level)
-        .init();
+    wsfan::logging::init(cfg.log_level);
     if let Err(e) = wsfan::run(cfg) {
         log::error!("fatal: {e}");
         std::process::exit(1);

@@ -86,7 +86,7 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
-        let plain: [(&str, &str, &str, u64); 14] = [
+        let plain: [(&str, &str, &str, u64); 17] = [
             (
                 "wsfan_connections",
                 "gauge",
@@ -170,6 +170,24 @@ impl Metrics {
                 "counter",
                 "Messages from Redis larger than --max-message-size, not delivered.",
                 bus.oversize,
+            ),
+            (
+                "wsfan_redis_connect_failures_total",
+                "counter",
+                "Redis connect attempts that failed before the link came up.",
+                bus.connect_failures,
+            ),
+            (
+                "wsfan_redis_publish_abandoned_total",
+                "counter",
+                "Publishes dropped after being sent to Redis 3 times without a reply.",
+                bus.publish_abandoned,
+            ),
+            (
+                "wsfan_log_lines_dropped_total",
+                "counter",
+                "Log lines not written because stderr was full or gone.",
+                crate::logging::dropped_lines(),
             ),
         ];
         let mut s = String::with_capacity(4096);

@@ -10,6 +10,10 @@ use std::io::{self, IoSlice, Write};
 
 /// Frames gathered into one `writev` (Linux IOV_MAX is 1024).
 const MAX_IOVECS: usize = 128;
+/// What one queued frame costs beyond its bytes (its `Bytes` handle in the ring), so a
+/// flood of tiny frames (pongs to empty pings) is held to the cap by memory, not by
+/// payload bytes alone.
+pub const FRAME_OVERHEAD: usize = std::mem::size_of::<Bytes>();
 
 #[derive(Debug, Default)]
 pub struct OutQueue {
@@ -20,8 +24,10 @@ pub struct OutQueue {
     rest: VecDeque<Bytes>,
     /// Bytes of the front frame already written.
     head_written: usize,
-    /// Unwritten bytes in the queue (what limits count).
+    /// Unwritten bytes in the queue.
     queued: usize,
+    /// Frames in the queue (`front` included).
+    frames: usize,
 }
 
 /// What a flush achieved.
@@ -41,6 +47,7 @@ impl OutQueue {
             return;
         }
         self.queued += frame.len();
+        self.frames += 1;
         if self.front.is_none() {
             self.front = Some(frame);
         } else {
@@ -55,6 +62,17 @@ impl OutQueue {
 
     pub fn is_empty(&self) -> bool {
         self.queued == 0
+    }
+
+    /// What the queue holds against `--max-outbound-bytes`: unwritten bytes plus
+    /// `FRAME_OVERHEAD` per frame.
+    pub fn cost(&self) -> usize {
+        self.queued + self.frames * FRAME_OVERHEAD
+    }
+
+    /// What queuing `frame_len` more bytes would make the cost.
+    pub fn cost_with(frame_len: usize) -> usize {
+        frame_len + FRAME_OVERHEAD
     }
 
     /// Writes until empty, WouldBlock, or `max_bytes` written. Counts write calls and
@@ -109,6 +127,7 @@ impl OutQueue {
             let left = front.len() - self.head_written;
             if k >= left {
                 k -= left;
+                self.frames -= 1;
                 self.front = self.rest.pop_front();
                 self.head_written = 0;
             } else {

@@ -42,7 +42,7 @@ impl Server {
             let Some(c) = self.conns.get_mut(id.0) else {
                 return;
             };
-            if c.out.len() > self.cfg.max_outbound_bytes {
+            if c.out.cost() > self.cfg.max_outbound_bytes {
                 // Pipelining requests without reading the answers: same cap as WebSocket.
                 info!(
                     "conn={} peer={} slow consumer: {} response bytes queued",
@@ -86,13 +86,20 @@ impl Server {
     }
 
     fn handle_request(&mut self, id: ConnId, head: Head, now: Instant) {
+        let get = matches!(head.method.as_str(), "GET" | "HEAD");
+        if (get || head.is_upgrade()) && head.content_length() != Ok(0) {
+            // A body (or chunked framing) where none is read: refused and the
+            // connection closed, so those bytes are never parsed as the next request
+            // (request smuggling behind a proxy that reuses connections).
+            let r = Response::text(400, "a request body is not allowed here");
+            return self.refuse(id, r, Rejection::BadRequest, now);
+        }
         if head.is_upgrade() {
             return self.handle_upgrade(id, head, now);
         }
-        let get = matches!(head.method.as_str(), "GET" | "HEAD");
         let resp = match (head.method.as_str(), head.path.as_str()) {
             (_, "/healthz") if get => Response::text(200, "ok"),
-            (_, "/readyz") if get => match self.bus.ready() {
+            (_, "/readyz") if get => match self.bus.ready(now) {
                 Ok(()) => Response::text(200, "ready"),
                 Err(why) => Response::text(503, why),
             },
@@ -100,7 +107,7 @@ impl Server {
                 let body = self.metrics.render(
                     self.conns.len(),
                     self.hub.channel_count(),
-                    &self.bus.stats(),
+                    &self.bus.stats(now),
                 );
                 Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
             }
@@ -171,7 +178,15 @@ impl Server {
                 }
             }
         }
-        let Some(response) = head.upgrade_response() else {
+        let keys = head
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "sec-websocket-key");
+        let response = match keys.count() {
+            1 => head.upgrade_response(),
+            _ => None, // several keys: which one would the 101 answer?
+        };
+        let Some(response) = response else {
             let r = Response::text(400, "invalid websocket handshake");
             return self.refuse(id, r, Rejection::BadRequest, now);
         };

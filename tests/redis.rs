@@ -568,10 +568,16 @@ fn a_lookup_that_never_answers_times_out_is_retried_and_leaves_no_zombies() {
             "0.3",
         ],
     );
-    // Two timed-out attempts per link at least.
+    // Two timed-out attempts per link at least; identical failures are logged once.
     eventually(15.0, "lookups time out and are retried", || {
-        a.log().matches("resolving the host name timed out").count() >= 4
+        a.metric("wsfan_redis_connect_failures_total") >= 4.0
     });
+    assert_eq!(
+        a.log().matches("resolving the host name timed out").count(),
+        2,
+        "one line per link for identical failures: {}",
+        a.log()
+    );
     assert_eq!(a.status("/healthz"), 200);
     let kids = children(a.child.id());
     assert!(
@@ -602,8 +608,13 @@ fn a_name_without_addresses_is_retried_and_logged_with_the_reason() {
         ],
     );
     eventually(10.0, "two failed lookups per link", || {
-        a.log().matches("(resolve: redis.wsfan.test: ").count() >= 4
+        a.metric("wsfan_redis_connect_failures_total") >= 4.0 && dns.queries() >= 4
     });
+    assert!(
+        a.log().contains("(resolve: redis.wsfan.test: "),
+        "{}",
+        a.log()
+    );
     assert_eq!(a.status("/readyz"), 503);
 }
 

@@ -60,12 +60,32 @@ const READ_BUDGET: usize = 1024 * 1024;
 const PUBLISH_CHUNK: usize = 512 * 1024;
 /// Channels per SUBSCRIBE command when re-subscribing many at once.
 const SUBSCRIBE_BATCH: usize = 1000;
+/// Times one publish is written to Redis at most. A publish whose reply never came is
+/// sent again after a reconnect; one that has been sent this often without a reply (a
+/// Redis that executes it and then answers garbage) is dropped and counted in
+/// `wsfan_redis_publish_abandoned_total`, instead of being delivered again forever.
+pub const MAX_PUBLISH_SENDS: u8 = 3;
+/// A PING unanswered for longer than this makes `/readyz` say not ready (the link is
+/// declared dead only at `--redis-timeout`): a live Redis answers in microseconds.
+const PING_LATE: Duration = Duration::from_secs(1);
+/// Identical connect failures are logged once per this interval, with a count.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
 
+/// What the next reply on the publish link answers (once the link is up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
-    Login,
     Publish,
     Ping,
+}
+
+/// A publish not yet acknowledged by Redis.
+#[derive(Debug)]
+struct Outgoing {
+    /// Redis channel (prefix included).
+    channel: Box<str>,
+    body: Bytes,
+    /// Times it was written to Redis so far (bounded by `MAX_PUBLISH_SENDS`).
+    sends: u8,
 }
 
 #[derive(Debug, Default)]
@@ -93,10 +113,10 @@ pub struct RedisLink {
     sub: Link,
     publ: Link,
     subs: HashMap<Box<str>, Sub>,
-    /// Publishes not yet written to Redis: (Redis channel, payload).
-    outbox: VecDeque<(Box<str>, Bytes)>,
+    /// Publishes not yet written to Redis.
+    outbox: VecDeque<Outgoing>,
     /// Written, reply not yet received (re-sent if the link drops).
-    inflight: VecDeque<(Box<str>, Bytes)>,
+    inflight: VecDeque<Outgoing>,
     expect: VecDeque<Expect>,
     buffered_bytes: usize,
     events: Vec<BusEvent>,
@@ -105,6 +125,10 @@ pub struct RedisLink {
     dropped: u64,
     oversize: u64,
     published: u64,
+    /// Publishes dropped after `MAX_PUBLISH_SENDS` unanswered sends.
+    abandoned: u64,
+    /// Connect attempts that failed before the link came up (logged rate-limited).
+    connect_failures: u64,
     last_drop_log: Option<Instant>,
     last_oversize_log: Option<Instant>,
 }
@@ -138,6 +162,8 @@ impl RedisLink {
             dropped: 0,
             oversize: 0,
             published: 0,
+            abandoned: 0,
+            connect_failures: 0,
             last_drop_log: None,
             last_oversize_log: None,
         })
@@ -213,10 +239,10 @@ impl RedisLink {
         let body = envelope::encode(kind, &payload);
         let mut result = Published::Accepted;
         while self.over_limit(body.len()) {
-            let Some((_, old)) = self.outbox.pop_front() else {
+            let Some(old) = self.outbox.pop_front() else {
                 break;
             };
-            self.buffered_bytes -= old.len();
+            self.buffered_bytes -= old.body.len();
             self.count_drop();
             result = Published::AcceptedDroppedOldest;
         }
@@ -226,8 +252,11 @@ impl RedisLink {
             return Published::AcceptedDroppedOldest;
         }
         self.buffered_bytes += body.len();
-        self.outbox
-            .push_back((self.redis_name(channel).into(), body));
+        self.outbox.push_back(Outgoing {
+            channel: self.redis_name(channel).into(),
+            body,
+            sends: 0,
+        });
         result
     }
 
@@ -238,6 +267,18 @@ impl RedisLink {
 
     pub fn is_full(&self, extra: usize) -> bool {
         self.over_limit(extra) && !(self.publ.state == State::Up && self.all_subscribed())
+    }
+
+    /// A link whose PING has waited longer than `PING_LATE` (Redis frozen or
+    /// partitioned): not declared dead yet, but not ready either.
+    fn ping_late(&self, now: Instant) -> Option<&'static str> {
+        [&self.sub, &self.publ]
+            .into_iter()
+            .find(|l| {
+                l.ping_sent
+                    .is_some_and(|t| now.saturating_duration_since(t) > PING_LATE)
+            })
+            .map(|l| l.name)
     }
 
     fn count_drop(&mut self) {
@@ -254,7 +295,9 @@ impl RedisLink {
         out.append(&mut self.events);
     }
 
-    pub fn ready(&self) -> Result<(), &'static str> {
+    /// `Ok` when a publish and a subscribe would work now: both links proved by a
+    /// round trip, every wanted channel confirmed, and no PING left waiting.
+    pub fn ready(&self, now: Instant) -> Result<(), &'static str> {
         if self.sub.state != State::Up {
             return Err("redis subscription link down");
         }
@@ -264,18 +307,27 @@ impl RedisLink {
         if !self.all_subscribed() {
             return Err("redis subscribing");
         }
+        if let Some(name) = self.ping_late(now) {
+            return Err(if name == "subscribe" {
+                "redis not answering PING on the subscription link"
+            } else {
+                "redis not answering PING on the publish link"
+            });
+        }
         Ok(())
     }
 
-    pub fn stats(&self) -> BusStats {
+    pub fn stats(&self, now: Instant) -> BusStats {
         BusStats {
-            up: self.ready().is_ok(),
+            up: self.ready(now).is_ok(),
             reconnects: self.reconnects,
             buffered_messages: self.outbox.len() + self.inflight.len(),
             buffered_bytes: self.buffered_bytes,
             dropped: self.dropped,
             oversize: self.oversize,
             published: self.published,
+            publish_abandoned: self.abandoned,
+            connect_failures: self.connect_failures,
         }
     }
 
@@ -284,7 +336,7 @@ impl RedisLink {
             .iter()
             .filter_map(|l| match l.state {
                 State::Down => Some(l.retry_at),
-                State::Connecting => l.deadline,
+                State::Connecting | State::Handshaking => l.deadline,
                 State::Up => Some(l.ping_sent.map_or(l.next_ping, |t| t + self.timeout)),
             })
             .min()
@@ -327,7 +379,7 @@ impl RedisLink {
             }
         }
         let link = self.link(is_sub);
-        if link.state != State::Up {
+        if !link.connected() {
             return;
         }
         if ev.is_writable() {
@@ -336,7 +388,7 @@ impl RedisLink {
             }
         }
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            if let Err(why) = self.read(is_sub) {
+            if let Err(why) = self.read(is_sub, now) {
                 self.fail(registry, is_sub, &why, now);
             }
         }
@@ -347,8 +399,8 @@ impl RedisLink {
     pub fn resume_reads(&mut self, registry: &Registry, now: Instant) {
         for is_sub in [true, false] {
             let link = self.link(is_sub);
-            if std::mem::take(&mut link.more_to_read) && link.state == State::Up {
-                if let Err(why) = self.read(is_sub) {
+            if std::mem::take(&mut link.more_to_read) && link.connected() {
+                if let Err(why) = self.read(is_sub, now) {
                     self.fail(registry, is_sub, &why, now);
                 }
             }
@@ -362,7 +414,7 @@ impl RedisLink {
 
     /// Handles every complete value available, until the socket would block or this
     /// iteration's read budget is spent (then `resume_reads` goes on next iteration).
-    fn read(&mut self, is_sub: bool) -> Result<(), String> {
+    fn read(&mut self, is_sub: bool, now: Instant) -> Result<(), String> {
         let mut budget = self.read_budget;
         loop {
             let link = self.link(is_sub);
@@ -376,10 +428,12 @@ impl RedisLink {
                         break;
                     };
                     let v = v.map_err(|e| format!("parse: {e}"))?;
-                    if is_sub {
-                        self.on_sub_value(v)?;
+                    if link.state == State::Handshaking {
+                        self.on_handshake_reply(is_sub, v, now)?;
+                    } else if is_sub {
+                        self.on_sub_value(v, now)?;
                     } else {
-                        self.on_pub_value(v)?;
+                        self.on_pub_value(v, now)?;
                     }
                 },
                 Ok(Next::Dropped) => self.count_oversize(),
@@ -416,11 +470,16 @@ impl RedisLink {
         }
     }
 
-    fn on_sub_value(&mut self, v: Value) -> Result<(), String> {
+    fn on_sub_value(&mut self, v: Value, now: Instant) -> Result<(), String> {
         let Value::Array(items) = v else {
             return match v {
                 Value::ServerError(e) => Err(format!("server error: {e:?}")),
-                Value::Okay | Value::SimpleString(_) => Ok(()), // AUTH reply, bare PONG
+                // PING on a connection subscribed to nothing is answered `+PONG`, not
+                // with the `pong` push of subscribed mode.
+                Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => {
+                    self.on_pong(true, now);
+                    Ok(())
+                }
                 other => Err(format!("unexpected reply {other:?}")),
             };
         };
@@ -458,7 +517,7 @@ impl RedisLink {
                     self.on_sub_ack(&ch);
                 }
             }
-            b"pong" => self.sub.ping_sent = None,
+            b"pong" => self.on_pong(true, now),
             _ => debug!(
                 "redis subscribe link: ignoring push {:?}",
                 String::from_utf8_lossy(&kind)
@@ -490,24 +549,55 @@ impl RedisLink {
         }
     }
 
-    fn on_pub_value(&mut self, v: Value) -> Result<(), String> {
+    fn on_pub_value(&mut self, v: Value, now: Instant) -> Result<(), String> {
         match self.expect.pop_front() {
             Some(Expect::Publish) => {
-                if let Some((_, body)) = self.inflight.pop_front() {
-                    self.buffered_bytes -= body.len();
+                let m = match v {
+                    Value::Int(_) => None,
+                    Value::ServerError(e) => Some(format!("{e:?}")),
+                    // Not a PUBLISH reply: this link no longer knows what answers what.
+                    other => return Err(format!("unexpected PUBLISH reply {other:?}")),
+                };
+                if let Some(out) = self.inflight.pop_front() {
+                    self.buffered_bytes -= out.body.len();
                 }
-                match v {
-                    Value::ServerError(e) => warn!("redis PUBLISH failed: {e:?}"),
-                    _ => self.published += 1,
+                match m {
+                    Some(e) => warn!("redis PUBLISH failed: {e}"),
+                    None => self.published += 1,
                 }
             }
-            Some(Expect::Ping) => self.publ.ping_sent = None,
-            Some(Expect::Login) => {
-                if let Value::ServerError(e) = v {
-                    return Err(format!("login refused: {e:?}"));
+            Some(Expect::Ping) => match v {
+                Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => {
+                    self.on_pong(false, now)
                 }
-            }
+                other => return Err(format!("unexpected PING reply {other:?}")),
+            },
             None => return Err(format!("unexpected reply {v:?}")),
+        }
+        Ok(())
+    }
+
+    /// A periodic PING was answered: the link has now held for a PING interval with
+    /// round trips, so its reconnect backoff starts from the bottom again.
+    fn on_pong(&mut self, is_sub: bool, _now: Instant) {
+        let link = self.link(is_sub);
+        link.ping_sent = None;
+        link.failures = 0;
+    }
+
+    /// Replies to the login commands and PING sent on connect. Any error ends the
+    /// attempt (wrong password, `-ERR max clients`, not Redis); the last reply makes the
+    /// link up.
+    fn on_handshake_reply(&mut self, is_sub: bool, v: Value, now: Instant) -> Result<(), String> {
+        let link = self.link(is_sub);
+        match v {
+            Value::ServerError(e) => return Err(format!("login refused: {e:?}")),
+            Value::Okay | Value::SimpleString(_) => {}
+            other => return Err(format!("unexpected handshake reply {other:?}")),
+        }
+        link.handshake_replies_left = link.handshake_replies_left.saturating_sub(1);
+        if link.handshake_replies_left == 0 {
+            self.on_up(is_sub, now);
         }
         Ok(())
     }
@@ -524,26 +614,31 @@ impl RedisLink {
         if !is_sub && self.target.db != 0 {
             login.push(redis::cmd("SELECT").arg(self.target.db).clone());
         }
-        let link = if is_sub {
-            &mut self.sub
-        } else {
-            &mut self.publ
-        };
-        link.state = State::Up;
-        link.deadline = None;
-        link.failures = 0;
-        link.next_ping = now + self.ping_interval;
-        if link.ever_up {
-            self.reconnects += 1;
-        }
-        link.ever_up = true;
-        info!(
-            "redis {} link connected to {}",
-            link.name,
-            self.target.display()
-        );
+        login.push(redis::cmd("PING"));
+        let timeout = self.timeout;
+        let link = self.link(is_sub);
+        link.state = State::Handshaking;
+        link.deadline = Some(now + timeout);
+        link.handshake_replies_left = login.len() as u32;
         for c in &login {
             link.send(c);
+        }
+        debug!("redis {} link connected, handshaking", link.name);
+    }
+
+    /// The handshake was answered: the link is up.
+    fn on_up(&mut self, is_sub: bool, now: Instant) {
+        let next_ping = now + self.ping_interval;
+        let target = self.target.display();
+        let link = self.link(is_sub);
+        link.state = State::Up;
+        link.deadline = None;
+        link.next_ping = next_ping;
+        let again = link.ever_up;
+        link.ever_up = true;
+        info!("redis {} link up ({target})", link.name);
+        if again {
+            self.reconnects += 1;
         }
         if is_sub {
             // Re-subscribe everything with local interest, in batches.
@@ -560,13 +655,15 @@ impl RedisLink {
                 }
                 self.sub.send(&c);
             }
-        } else {
-            self.expect.extend(login.iter().map(|_| Expect::Login));
         }
     }
 
     fn fail(&mut self, registry: &Registry, is_sub: bool, why: &str, now: Instant) {
         let jitter = self.jitter();
+        let up_before = matches!(self.link(is_sub).state, State::Up);
+        if !up_before {
+            self.connect_failures += 1;
+        }
         let link = if is_sub {
             &mut self.sub
         } else {
@@ -576,13 +673,19 @@ impl RedisLink {
         link.close(registry, now, self.backoff_max, jitter);
         let retry = link.retry_at.saturating_duration_since(now);
         if was_up {
+            link.last_failure = None;
             error!(
                 "redis {} link lost ({why}); reconnecting in {retry:?}",
                 link.name
             );
-        } else {
+        } else if let Some(unlogged) = link.log_failure(why, now, FAILURE_LOG_EVERY) {
+            let more = if unlogged > 0 {
+                format!(" ({unlogged} more like it not logged)")
+            } else {
+                String::new()
+            };
             warn!(
-                "redis {} link to {} failed ({why}); retrying in {retry:?}",
+                "redis {} link to {} failed ({why}); retrying in {retry:?}{more}",
                 link.name,
                 self.target.display()
             );
@@ -594,9 +697,19 @@ impl RedisLink {
                 s.confirmed = false;
             }
         } else {
-            // Unanswered publishes go back to the front, in order.
+            // Unanswered publishes go back to the front, in order, unless they were
+            // sent too often already.
             while let Some(m) = self.inflight.pop_back() {
-                self.outbox.push_front(m);
+                if m.sends >= MAX_PUBLISH_SENDS {
+                    self.buffered_bytes -= m.body.len();
+                    self.abandoned += 1;
+                    warn!(
+                        "redis: publish to {} dropped after {} sends without a reply",
+                        m.channel, m.sends
+                    );
+                } else {
+                    self.outbox.push_front(m);
+                }
             }
             self.expect.clear();
         }
@@ -610,13 +723,14 @@ impl RedisLink {
         if self.publ.state == State::Up && self.all_subscribed() {
             // Re-subscribed first, so our own clients miss nothing we flush.
             while self.publ.pending_out() < PUBLISH_CHUNK && self.inflight.len() < self.max_msgs {
-                let Some((ch, body)) = self.outbox.pop_front() else {
+                let Some(mut m) = self.outbox.pop_front() else {
                     break;
                 };
                 self.publ
-                    .send(redis::cmd("PUBLISH").arg(&*ch).arg(&body[..]));
+                    .send(redis::cmd("PUBLISH").arg(&*m.channel).arg(&m.body[..]));
+                m.sends += 1;
                 self.expect.push_back(Expect::Publish);
-                self.inflight.push_back((ch, body));
+                self.inflight.push_back(m);
             }
         }
         for is_sub in [true, false] {
@@ -644,6 +758,12 @@ impl RedisLink {
                 };
                 self.fail(registry, is_sub, why, now)
             }
+            State::Handshaking if link.deadline.is_some_and(|d| now >= d) => self.fail(
+                registry,
+                is_sub,
+                "connected, but no reply to login/PING in time",
+                now,
+            ),
             State::Up => {
                 if link.ping_sent.is_some_and(|t| now >= t + self.timeout) {
                     return self.fail(registry, is_sub, "PING unanswered", now);
@@ -724,7 +844,7 @@ mod tests {
         std::io::Write::write_all(&mut redis, &wire).expect("fits the socket buffer");
         let poll = mio::Poll::new().expect("poll");
         let mut got = Vec::new();
-        link.read(true).expect("read");
+        link.read(true, Instant::now()).expect("read");
         let mut iterations = 1;
         link.drain(&mut got);
         assert!(link.has_more_to_read(), "stopped at the budget");

@@ -276,7 +276,11 @@ pub(super) enum State {
     Down,
     /// Non-blocking connect in progress.
     Connecting,
-    /// Connected (login commands may still be in flight; they are pipelined).
+    /// TCP is connected, login commands and a PING are sent; up once they are
+    /// answered. (A connect to a frozen or overloaded Redis succeeds in the kernel's
+    /// backlog: only a reply proves the link usable.)
+    Handshaking,
+    /// Proven by a round trip: Pub/Sub and publishes flow.
     Up,
 }
 
@@ -301,7 +305,12 @@ pub(super) struct Link {
     pub(super) deadline: Option<Instant>,
     pub(super) next_ping: Instant,
     pub(super) ping_sent: Option<Instant>,
+    /// The PING in flight is the handshake's, not a periodic one.
+    pub(super) handshake_replies_left: u32,
     pub(super) ever_up: bool,
+    /// Last failure logged (its text, when) and how many identical ones were not.
+    pub(super) last_failure: Option<(String, Instant)>,
+    pub(super) failures_unlogged: u32,
 }
 
 impl Link {
@@ -324,7 +333,10 @@ impl Link {
             deadline: None,
             next_ping: now,
             ping_sent: None,
+            handshake_replies_left: 0,
             ever_up: false,
+            last_failure: None,
+            failures_unlogged: 0,
         }
     }
 
@@ -334,12 +346,12 @@ impl Link {
 
     /// Writes queued bytes until done or WouldBlock.
     pub(super) fn write(&mut self) -> io::Result<()> {
+        if !self.connected() {
+            return Ok(());
+        }
         let Some(s) = self.stream.as_mut() else {
             return Ok(());
         };
-        if self.state != State::Up {
-            return Ok(());
-        }
         while self.out_pos < self.out.len() {
             match s.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -355,6 +367,24 @@ impl Link {
             self.out = Vec::new();
         }
         Ok(())
+    }
+
+    /// TCP (or Unix) connected: handshaking or up.
+    pub(super) fn connected(&self) -> bool {
+        matches!(self.state, State::Handshaking | State::Up)
+    }
+
+    /// Whether a failure with this text should be logged now; identical ones within
+    /// `every` are only counted (returned with the next one that is logged).
+    pub(super) fn log_failure(&mut self, why: &str, now: Instant, every: Duration) -> Option<u32> {
+        if let Some((last, at)) = &self.last_failure {
+            if last == why && now.saturating_duration_since(*at) < every {
+                self.failures_unlogged += 1;
+                return None;
+            }
+        }
+        self.last_failure = Some((why.to_string(), now));
+        Some(std::mem::take(&mut self.failures_unlogged))
     }
 
     pub(super) fn pending_out(&self) -> usize {
@@ -414,6 +444,7 @@ impl Link {
         self.out.clear();
         self.out_pos = 0;
         self.ping_sent = None;
+        self.handshake_replies_left = 0;
         self.deadline = None;
         let exp = BACKOFF_START.saturating_mul(1u32 << self.failures.min(16));
         let cap = exp.min(max);

@@ -2,6 +2,31 @@
 //! iteration, slow consumers closed after the fan-out.
 
 use super::*;
+use crate::outq::WriteStats;
+
+/// Whether a frame fits a connection's output cap.
+enum Room {
+    Fits,
+    /// Over the cap even after writing what the kernel would take: a slow consumer.
+    Full,
+    /// The socket failed while writing; the connection is closed at its flush.
+    Broken,
+}
+
+/// Makes room for `len` more bytes under `max`: when the queue would go over, first
+/// writes what the kernel takes now, so a client is slow only for bytes it really left
+/// unread, not for a burst that arrived within one loop iteration.
+fn make_room(c: &mut Conn, len: usize, max: usize, stats: &mut WriteStats) -> Room {
+    let need = OutQueue::cost_with(len);
+    if c.out.cost() + need <= max {
+        return Room::Fits;
+    }
+    match c.out.flush_to(&mut c.stream, usize::MAX, stats) {
+        Ok(_) if c.out.cost() + need <= max => Room::Fits,
+        Ok(_) => Room::Full,
+        Err(_) => Room::Broken,
+    }
+}
 
 impl Server {
     pub(super) fn drain_bus(&mut self, now: Instant) {
@@ -35,12 +60,14 @@ impl Server {
             if !c.is_open() {
                 continue;
             }
-            if c.out.len() + frame.len() > max {
-                self.slow.push(m);
-                continue;
+            match make_room(c, frame.len(), max, &mut self.metrics.writes) {
+                Room::Fits => {
+                    c.out.push(frame.clone());
+                    self.metrics.messages_delivered += 1;
+                }
+                Room::Full => self.slow.push(m),
+                Room::Broken => {} // flush_one reports the error and closes it
             }
-            c.out.push(frame.clone());
-            self.metrics.messages_delivered += 1;
             if !c.in_flush_list {
                 c.in_flush_list = true;
                 self.flush_list.push(m);
@@ -64,7 +91,7 @@ impl Server {
                 c.out.len()
             );
             let frame = ws::close_frame(1008, "slow consumer");
-            if c.out.len() + frame.len() <= self.cfg.max_outbound_bytes {
+            if c.out.cost() + OutQueue::cost_with(frame.len()) <= self.cfg.max_outbound_bytes {
                 self.begin_close(id, Reason::SlowConsumer, Some(frame), now);
             } else {
                 self.drop_conn(id, Reason::SlowConsumer);
@@ -116,11 +143,28 @@ impl Server {
         }
     }
 
+    /// Queues bytes for one connection. On an open WebSocket they count against
+    /// `--max-outbound-bytes` like a fan-out (pongs included: a client that pings and
+    /// never reads is a slow consumer). HTTP responses are checked before each request
+    /// is handled instead (`process_http`).
     pub(crate) fn queue(&mut self, id: ConnId, bytes: Bytes) {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };
-        c.out.push(bytes);
+        if c.is_open() {
+            match make_room(
+                c,
+                bytes.len(),
+                self.cfg.max_outbound_bytes,
+                &mut self.metrics.writes,
+            ) {
+                Room::Fits => c.out.push(bytes),
+                Room::Full => self.slow.push(id),
+                Room::Broken => {}
+            }
+        } else {
+            c.out.push(bytes);
+        }
         self.mark_flush(id);
     }
 

@@ -177,6 +177,11 @@ impl Server {
         };
         let got: Vec<i32> = signals.pending().collect();
         for sig in got {
+            if sig == signal_hook::consts::SIGHUP {
+                // A terminal closing or a habit of `kill -HUP` must not end the service.
+                info!("SIGHUP ignored: wsfan reads its settings only at start (restart to change them)");
+                continue;
+            }
             if self.shutdown_deadline.is_some() {
                 warn!("second signal ({sig}): exiting now");
                 std::process::exit(130);

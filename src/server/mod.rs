@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::conn::{Conn, Phase, Reason};
 use crate::hub::{ConnId, Hub};
 use crate::metrics::{Metrics, Rejection};
-use crate::outq::Flushed;
+use crate::outq::{Flushed, OutQueue};
 use crate::redis_link::RedisLink;
 use crate::static_files::Files;
 use crate::ws::{self, Kind};
@@ -102,6 +102,7 @@ impl Server {
         let mut signals = signal_hook_mio::v1_0::Signals::new([
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
         ])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Ready::READABLE)?;
@@ -180,7 +181,7 @@ impl Server {
         self.bus.tick(self.poll.registry(), now);
         // Standalone is ready before any event arrives: tell systemd now, not at the
         // first connection or timer.
-        self.notify_ready_once();
+        self.notify_ready_once(now);
         loop {
             let timeout = self.poll_timeout(now);
             match self.poll.poll(&mut events, timeout) {
@@ -223,11 +224,13 @@ impl Server {
         // per Redis link.
         self.bus.tick(self.poll.registry(), now);
         self.flush_all();
-        self.notify_ready_once();
+        self.notify_ready_once(now);
+        // Log output the stderr reader did not take yet (never blocks).
+        log::logger().flush();
     }
 
-    fn notify_ready_once(&mut self) {
-        if self.on_ready.is_some() && self.bus.ready().is_ok() {
+    fn notify_ready_once(&mut self, now: Instant) {
+        if self.on_ready.is_some() && self.bus.ready(now).is_ok() {
             if let Some(f) = self.on_ready.take() {
                 f();
             }

@@ -128,8 +128,15 @@ impl Server {
     pub(super) fn on_ws_event(&mut self, id: ConnId, ev: ws::Event, now: Instant) {
         match ev {
             ws::Event::Message(kind, payload) => self.on_message(id, kind, payload, now),
-            ws::Event::Ping(p) => self.queue(id, ws::pong_frame(p)),
-            ws::Event::Pong => {}
+            // Control frames cost a token like messages: a ping flood is a flood.
+            ws::Event::Ping(p) => {
+                if self.charge(id, now) {
+                    self.queue(id, ws::pong_frame(p));
+                }
+            }
+            ws::Event::Pong => {
+                self.charge(id, now);
+            }
             ws::Event::Close { reply, code } => {
                 debug!("conn={} sent close {code:?}", id.0);
                 self.begin_close(id, Reason::ClientClose, Some(reply), now);
@@ -137,18 +144,26 @@ impl Server {
         }
     }
 
-    pub(super) fn on_message(&mut self, id: ConnId, kind: Kind, payload: Bytes, now: Instant) {
+    /// Takes one token of the connection's rate limit; over the limit → close 1008.
+    pub(super) fn charge(&mut self, id: ConnId, now: Instant) -> bool {
         let Some(c) = self.conns.get_mut(id.0) else {
-            return;
+            return false;
         };
-        if !c.take_token(
+        if c.take_token(
             now,
             self.cfg.max_messages_per_sec,
             self.cfg.max_messages_burst,
         ) {
-            info!("conn={} peer={} over its message rate", id.0, c.peer);
-            let frame = ws::close_frame(1008, "rate limit exceeded");
-            self.begin_close(id, Reason::RateLimit, Some(frame), now);
+            return true;
+        }
+        info!("conn={} peer={} over its message rate", id.0, c.peer);
+        let frame = ws::close_frame(1008, "rate limit exceeded");
+        self.begin_close(id, Reason::RateLimit, Some(frame), now);
+        false
+    }
+
+    pub(super) fn on_message(&mut self, id: ConnId, kind: Kind, payload: Bytes, now: Instant) {
+        if !self.charge(id, now) {
             return;
         }
         self.metrics.messages_received += 1;
