@@ -108,6 +108,8 @@ pub struct Conn {
     pub want_write: bool,
     /// Already in the loop's flush list this iteration.
     pub in_flush_list: bool,
+    /// Already in the loop's re-read list (read budget spent, input left).
+    pub in_reread_list: bool,
     /// The write side was shut down (Closing, after the last byte went out).
     pub write_shut: bool,
     /// Handshake / keep-alive / linger deadline, depending on the phase.
@@ -138,6 +140,7 @@ impl Conn {
             close_after_response: false,
             want_write: false,
             in_flush_list: false,
+            in_reread_list: false,
             write_shut: false,
             deadline: None,
             timer_armed: false,

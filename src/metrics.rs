@@ -64,7 +64,23 @@ pub struct Metrics {
     loop_sum: f64,
 }
 
+/// The counters the periodic log summary compares against.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub connections_total: u64,
+    pub rejections: [u64; Rejection::ALL.len()],
+    pub disconnects: [u64; Reason::ALL.len()],
+}
+
 impl Metrics {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            connections_total: self.connections_total,
+            rejections: self.rejections,
+            disconnects: self.disconnects,
+        }
+    }
+
     pub fn reject(&mut self, r: Rejection) {
         self.rejections[r as usize] += 1;
     }

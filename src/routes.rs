@@ -8,7 +8,7 @@ use crate::metrics::Rejection;
 use crate::server::Server;
 use crate::ws::Kind;
 use bytes::Bytes;
-use log::{debug, info};
+use log::debug;
 use std::time::Instant;
 
 /// Where an upgrade on `path` goes: the channel name, or the status to refuse with.
@@ -44,7 +44,7 @@ impl Server {
             };
             if c.out.cost() > self.cfg.max_outbound_bytes {
                 // Pipelining requests without reading the answers: same cap as WebSocket.
-                info!(
+                debug!(
                     "conn={} peer={} slow consumer: {} response bytes queued",
                     id.0,
                     c.peer,
@@ -136,7 +136,7 @@ impl Server {
     fn refuse(&mut self, id: ConnId, resp: Response, why: Rejection, now: Instant) {
         self.metrics.reject(why);
         if let Some(c) = self.conns.get(id.0) {
-            info!(
+            debug!(
                 "conn={} peer={} refused {}: {}",
                 id.0,
                 c.peer,

@@ -497,6 +497,7 @@ fn a_flooding_client_does_not_starve_the_others() {
         s.metric("wsfan_messages_received_total") > 10_000.0
     });
     let mut calm = connect(&s.url("/ws/calm"));
+    let started = std::time::Instant::now();
     for i in 0..20 {
         send_text(&mut calm, &format!("{i}"));
         assert_eq!(
@@ -505,6 +506,14 @@ fn a_flooding_client_does_not_starve_the_others() {
             "round trip {i} while flooded"
         );
     }
+    // A starvation bound, not a speed claim: ~1 s here in a debug build. When a
+    // connection could be queued for re-reading twice per iteration, each iteration
+    // read more of the flood than the last and this took over a minute.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "20 round trips took {:?} while flooded",
+        started.elapsed()
+    );
     assert!(s.rss_kb() < 256 * 1024, "RSS {} KiB", s.rss_kb());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(calm);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (only what is missing) and runs every test:
 # fmt, clippy, unit + integration tests (real redis-server processes on free ports),
+# the chaos soak,
 # the Autobahn|Testsuite conformance run and the real-browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,10 @@ cargo clippy --all-targets -- -D warnings
 cargo build --release --bin wsfan
 log="$(mktemp)"
 cargo test --all-targets 2>&1 | tee "$log"
+
+# The chaos soak (tests/soak.rs): three instances, one Redis, faults injected; 60 s
+# here, WSFAN_SOAK_SECS=1800 for a long run. Alone, so it has the CPU to itself.
+WSFAN_SOAK_SECS="${WSFAN_SOAK_SECS:-60}" cargo test --test soak -- --ignored --nocapture 2>&1 | tee -a "$log"
 passed=$(grep -Eo '^test result: .*' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 rm -f "$log"

@@ -84,7 +84,7 @@ impl Server {
             if !c.is_open() {
                 continue;
             }
-            info!(
+            debug!(
                 "conn={} peer={} slow consumer: {} bytes queued",
                 id.0,
                 c.peer,
@@ -129,7 +129,7 @@ impl Server {
         c.alive = true;
         c.tokens = self.cfg.max_messages_burst as f32;
         c.refilled = now;
-        info!(
+        debug!(
             "conn={} peer={} joined channel={}",
             id.0, c.peer, held.channel
         );

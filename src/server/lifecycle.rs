@@ -47,11 +47,7 @@ impl Server {
                 reason
             }
         };
-        if matches!(reason, Reason::Http) {
-            debug!("conn={} peer={} closed: {}", id.0, c.peer, reason.label());
-        } else {
-            info!("conn={} peer={} closed: {}", id.0, c.peer, reason.label());
-        }
+        debug!("conn={} peer={} closed: {}", id.0, c.peer, reason.label());
         for i in self.hub.leave_all(id) {
             self.bus.interest(i);
         }
@@ -114,6 +110,10 @@ impl Server {
             self.next_ping = now + self.cfg.ping_interval;
             self.ping_sweep();
         }
+        if now >= self.next_summary {
+            self.next_summary = now + SUMMARY_EVERY;
+            self.log_summary();
+        }
     }
 
     pub(super) fn on_deadline(&mut self, id: ConnId, now: Instant) {
@@ -145,6 +145,47 @@ impl Server {
             }
             Phase::Open => {}
         }
+    }
+
+    /// One info line for what happened to connections since the last one (nothing when
+    /// nothing did): per-connection lines are debug, so a reconnect storm of any size
+    /// costs one line per `SUMMARY_EVERY`.
+    fn log_summary(&mut self) {
+        let m = &self.metrics;
+        let last = &self.summarized;
+        let opened = m.connections_total - last.connections_total;
+        let closed: Vec<String> = Reason::ALL
+            .iter()
+            .filter(|r| !matches!(r, Reason::Http))
+            .filter_map(|&r| {
+                let n = m.disconnects[r as usize] - last.disconnects[r as usize];
+                (n > 0).then(|| format!("{}={n}", r.label()))
+            })
+            .collect();
+        let refused: Vec<String> = Rejection::ALL
+            .iter()
+            .filter_map(|&r| {
+                let n = m.rejections[r as usize] - last.rejections[r as usize];
+                (n > 0).then(|| format!("{}={n}", r.label()))
+            })
+            .collect();
+        if opened > 0 || !closed.is_empty() || !refused.is_empty() {
+            info!(
+                "connections: {} open, {opened} accepted; closed: {}; refused: {}",
+                self.conns.len(),
+                if closed.is_empty() {
+                    "none".to_string()
+                } else {
+                    closed.join(" ")
+                },
+                if refused.is_empty() {
+                    "none".to_string()
+                } else {
+                    refused.join(" ")
+                },
+            );
+        }
+        self.summarized = self.metrics.snapshot();
     }
 
     /// Keepalive: drop open connections silent since the last sweep; ping the rest.

@@ -57,6 +57,9 @@ const EVENTS_CAPACITY: usize = 1024;
 /// Timer-heap entries allowed beyond twice the open connections before stale ones
 /// (closed connections) are swept out.
 const TIMER_SLACK: usize = 1024;
+/// How often connection activity is summed up in one info line (per-connection
+/// lines are debug: a reconnect storm of 20,000 clients wrote 40,000 lines, 3.3 MB).
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// A WebSocket connection still waiting for its 101 buffers at most this much input.
 const MAX_EARLY_INPUT: usize = 64 * 1024;
 
@@ -82,6 +85,9 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_serial: u64,
     next_ping: Instant,
+    /// When connection activity is next summed up in the log, and the counters then.
+    next_summary: Instant,
+    summarized: crate::metrics::Snapshot,
     accept_retry: Option<Instant>,
     shutdown_deadline: Option<Instant>,
     bus_events: Vec<BusEvent>,
@@ -115,6 +121,8 @@ impl Server {
         let now = Instant::now();
         Ok(Server {
             next_ping: now + cfg.ping_interval,
+            next_summary: now + SUMMARY_EVERY,
+            summarized: Default::default(),
             files: match &cfg.static_dir {
                 Some(d) => Files::Dir(d.clone()),
                 None => Files::Embedded,
@@ -210,7 +218,10 @@ impl Server {
     /// Everything after readiness handling: one pass, in a fixed order.
     fn iterate(&mut self, now: Instant) {
         for id in std::mem::take(&mut self.reread) {
-            self.on_readable(id, now);
+            if let Some(c) = self.conns.get_mut(id.0) {
+                c.in_reread_list = false;
+                self.on_readable(id, now);
+            }
         }
         if self.accept_retry.is_some_and(|t| t <= now) {
             self.accept_retry = None;

@@ -27,7 +27,14 @@ impl Server {
                 Ok(n) => {
                     self.on_bytes(id, &mut scratch[..n], now);
                     if n >= budget {
-                        self.reread.push(id);
+                        // Once: a readiness event for it in the same poll batch must
+                        // not queue it again (the list would grow every iteration).
+                        if let Some(c) = self.conns.get_mut(id.0) {
+                            if !c.in_reread_list {
+                                c.in_reread_list = true;
+                                self.reread.push(id);
+                            }
+                        }
                         break;
                     }
                     budget -= n;
@@ -156,7 +163,7 @@ impl Server {
         ) {
             return true;
         }
-        info!("conn={} peer={} over its message rate", id.0, c.peer);
+        debug!("conn={} peer={} over its message rate", id.0, c.peer);
         let frame = ws::close_frame(1008, "rate limit exceeded");
         self.begin_close(id, Reason::RateLimit, Some(frame), now);
         false
