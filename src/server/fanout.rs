@@ -194,43 +194,51 @@ impl Server {
             return;
         };
         c.in_flush_list = false;
-        match c
+        let registered = match c
             .out
             .flush_to(&mut c.stream, WRITE_BUDGET, &mut self.metrics.writes)
         {
             Ok(Flushed::All) => {
-                if c.want_write {
-                    c.want_write = false;
-                    let _ = self.poll.registry().reregister(
-                        &mut c.stream,
-                        Token(id.0),
-                        Ready::READABLE,
-                    );
-                }
                 if matches!(c.phase, Phase::Closing) && !c.write_shut {
                     c.write_shut = true;
                     let _ = c.stream.shutdown(Shutdown::Write);
+                }
+                if c.want_write {
+                    c.want_write = false;
+                    self.poll
+                        .registry()
+                        .reregister(&mut c.stream, Token(id.0), Ready::READABLE)
+                } else {
+                    Ok(())
                 }
             }
             Ok(Flushed::Partial) => {
                 if !c.want_write {
                     c.want_write = true;
-                    let _ = self.poll.registry().reregister(
+                    self.poll.registry().reregister(
                         &mut c.stream,
                         Token(id.0),
                         Ready::READABLE | Ready::WRITABLE,
-                    );
+                    )
+                } else {
+                    Ok(())
                 }
             }
             Ok(Flushed::Capped) => {
                 // Fairness: others get their turn; continue next iteration.
                 c.in_flush_list = true;
                 self.flush_list.push(id);
+                Ok(())
             }
             Err(e) => {
                 debug!("conn={} write error: {e}", id.0);
-                self.drop_conn(id, Reason::PeerGone);
+                return self.drop_conn(id, Reason::PeerGone);
             }
+        };
+        if let Err(e) = registered {
+            // Without WRITABLE interest its leftovers would never be written.
+            warn!("conn={} reregister failed: {e}", id.0);
+            self.drop_conn(id, Reason::IoError);
         }
     }
 }
