@@ -25,6 +25,20 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Set in a smoke run (`cargo test`, debug build): its figures are labelled as such.
+static SMOKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `println!`, labelled "smoke" when the figures are not a measurement.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        if SMOKE.load(std::sync::atomic::Ordering::Relaxed) {
+            println!("smoke, not a measurement: {}", format_args!($($arg)*));
+        } else {
+            println!($($arg)*);
+        }
+    }};
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -424,7 +438,7 @@ fn idle_and_broadcast(wanted: usize) {
     let fits = nofile_limit().saturating_sub(1000) / 1000 * 1000;
     let n = wanted.min(fits.max(1000));
     if n < wanted {
-        println!(
+        report!(
             "idle memory: {wanted} connections do not fit this machine's open-files limit ({}); \
              measuring {n} instead (raise the hard limit: ulimit -Hn / LimitNOFILE)",
             nofile_limit()
@@ -453,19 +467,19 @@ fn idle_and_broadcast(wanted: usize) {
             (rss.saturating_sub(rss0) * 1024) as f64 / upto as f64
         ));
         if step == 4 {
-            println!("handshakes: {n} connections in {:.2} s = {:.0} new WebSocket connections/s (1000 in flight)",
+            report!("handshakes: {n} connections in {:.2} s = {:.0} new WebSocket connections/s (1000 in flight)",
                 took.as_secs_f64(), n as f64 / took.as_secs_f64());
-            println!("idle memory: RSS {rss0} KiB -> {rss} KiB with {n} open WebSocket connections = {:.0} bytes per connection",
+            report!("idle memory: RSS {rss0} KiB -> {rss} KiB with {n} open WebSocket connections = {:.0} bytes per connection",
                 (rss.saturating_sub(rss0) * 1024) as f64 / n as f64);
         }
     }
-    println!(
+    report!(
         "idle memory, bytes per connection by count: {}",
         steps.join(", ")
     );
     let c0 = proc_cpu(pid);
     std::thread::sleep(Duration::from_secs(2));
-    println!(
+    report!(
         "idle CPU: {:.3} ms over 2 s with {n} idle connections",
         (proc_cpu(pid) - c0) as f64 / 1e6
     );
@@ -517,14 +531,14 @@ fn idle_and_broadcast(wanted: usize) {
     };
     spans.sort_by_key(|s| s.1);
     let (f, l) = spans[spans.len() / 2];
-    println!(
+    report!(
         "broadcast: one 64-byte message to {n} connections: first after {:.1} ms, last after {:.1} ms \
          (median of {BROADCAST_ROUNDS}; {n} raw writes take {:.1} ms from first to last)",
         f.as_secs_f64() * 1e3,
         l.as_secs_f64() * 1e3,
         median(&mut floor_walls),
     );
-    println!(
+    report!(
         "broadcast CPU: server {:.1} ms vs {:.1} ms for {n} raw writes: per-round ratio median {:.2}x \
          (min {:.2}x, max {:.2}x; {BROADCAST_ROUNDS} interleaved rounds)",
         median(&mut cpus),
@@ -622,14 +636,14 @@ impl FloorRig {
 fn floor_writer() {
     let n = env_or("N", 0);
     let l = TcpListener::bind("127.0.0.1:0").expect("listener");
-    println!("{}", l.local_addr().expect("addr").port());
+    report!("{}", l.local_addr().expect("addr").port());
     let mut conns: Vec<std::net::TcpStream> = Vec::with_capacity(n);
     for _ in 0..n {
         let (s, _) = l.accept().expect("accept");
         let _ = s.set_nodelay(true);
         conns.push(s);
     }
-    println!("ready");
+    report!("ready");
     let frame = [0x81u8; 66];
     let mut line = String::new();
     while std::io::stdin().read_line(&mut line).is_ok_and(|k| k > 0) {
@@ -639,7 +653,7 @@ fn floor_writer() {
             let _ = s.write(&frame);
         }
         let wall = t0.elapsed().as_nanos();
-        println!("{} {wall}", self_cpu() - c0);
+        report!("{} {wall}", self_cpu() - c0);
     }
 }
 
@@ -671,7 +685,7 @@ fn floor_reader() {
             Interest::READABLE,
         )
         .expect("register stdin");
-    println!("ready");
+    report!("ready");
     let mut events = Events::with_capacity(4096);
     let (mut got, mut rounds) = (0usize, 0usize);
     let mut buf = [0u8; 256];
@@ -690,7 +704,7 @@ fn floor_reader() {
         }
         while got >= (rounds + 1) * n * 66 {
             rounds += 1;
-            println!("round");
+            report!("round");
         }
     }
 }
@@ -736,7 +750,7 @@ fn coalescing(clients: usize) {
         let deliveries = (fleet.total_received() - before) as f64;
         // Subtract the metrics scrape itself (one write).
         let writes = metric(addr, "wsfan_write_calls_total") - w0 - 1.0;
-        println!(
+        report!(
             "coalescing: {k:>3} messages per loop iteration x {clients} clients: {:.1} deliveries per write, \
              {:.2} us server CPU per delivery",
             deliveries / writes.max(1.0),
@@ -813,7 +827,7 @@ fn throughput(clients: usize, secs: f64, rates: &[u64]) {
         let redis_cpu = cpu(2, redis_pid);
         let gen = (self_cpu() - cpus0[3]) as f64;
         lat.sort_unstable();
-        println!(
+        report!(
             "throughput @ {rate} publishes/s x {clients} clients (2 instances + Redis): {:.0} deliveries/s offered, \
              {got}/{want} delivered ({} lost); latency p50 {:.1} ms p99 {:.1} ms p999 {:.1} ms; \
              CPU per delivery: wsfan {:.2} us, redis {:.3} us, load generator {:.2} us",
@@ -828,7 +842,7 @@ fn throughput(clients: usize, secs: f64, rates: &[u64]) {
         );
         let _ = elapsed;
         if got < want || percentile(&lat, 0.99) > 100.0 {
-            println!(
+            report!(
                 "throughput: stopping the ramp at {rate} publishes/s (loss or p99 over 100 ms)"
             );
             break;
@@ -853,9 +867,13 @@ fn main() {
         _ => {}
     }
     let bench = std::env::args().any(|a| a == "--bench");
+    if !bench {
+        println!("(smoke run under cargo test, debug build: the figures below only show the bench works; `cargo bench --bench e2e` measures)");
+        SMOKE.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let bin = env!("CARGO_BIN_EXE_wsfan");
     let size = std::fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
-    println!(
+    report!(
         "binary: {bin} is {:.2} MiB",
         size as f64 / (1024.0 * 1024.0)
     );
@@ -872,7 +890,6 @@ fn main() {
             rates,
         )
     } else {
-        println!("(smoke run: use `cargo bench --bench e2e` for real numbers)");
         (300, 50, 0.5, vec![100])
     };
     // WSFAN_BENCH_ONLY=idle|coalescing|throughput runs one phase (for profiling).

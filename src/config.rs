@@ -68,8 +68,12 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// Bearer key of `POST /publish/<channel>`; the endpoint is off (404) without it.
     pub api_key: Option<String>,
-    /// Set `SO_REUSEPORT` so several processes share the port. Default off.
+    /// Set `SO_REUSEPORT` so several processes share the port. Default off. Without
+    /// `--redis` it needs `--standalone`: processes without a backplane don't share
+    /// messages, so their clients would be split without a word.
     pub reuse_port: bool,
+    /// No backplane, on purpose: with `--reuse-port`, each process is its own island.
+    pub standalone: bool,
 }
 
 impl Default for Config {
@@ -98,6 +102,7 @@ impl Default for Config {
             jwt_secret: None,
             api_key: None,
             reuse_port: false,
+            standalone: false,
         }
     }
 }
@@ -111,6 +116,8 @@ pub enum ConfigError {
     Version,
     /// The named flag has a bad value or is unknown.
     Invalid { flag: String, reason: String },
+    /// An argument that is not a flag.
+    Unexpected(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -119,6 +126,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Help => write!(f, "help requested"),
             ConfigError::Version => write!(f, "version requested"),
             ConfigError::Invalid { flag, reason } => write!(f, "invalid --{flag}: {reason}"),
+            ConfigError::Unexpected(a) => write!(
+                f,
+                "unexpected argument {a:?}: every setting is a flag like --listen ADDR (see --help)"
+            ),
         }
     }
 }
@@ -240,7 +251,12 @@ const FLAGS: &[(&str, &str, &str)] = &[
     (
         "reuse-port",
         "",
-        "set SO_REUSEPORT: one process per core on one port [default: off]",
+        "set SO_REUSEPORT: one process per core on one port (needs --redis) [default: off]",
+    ),
+    (
+        "standalone",
+        "",
+        "no backplane, on purpose (with --reuse-port: separate islands) [default: off]",
     ),
 ];
 
@@ -250,11 +266,19 @@ pub fn usage() -> String {
         "wsfan: WebSocket fan-out server (standalone, or scaled out through Redis Pub/Sub)\n\n\
          Usage: wsfan [OPTIONS]\n\nOptions (each also WSFAN_<NAME> in the environment):\n",
     );
+    let width = FLAGS
+        .iter()
+        .map(|(n, h, _)| n.len() + 1 + h.len())
+        .max()
+        .unwrap_or(0);
+    let line = |s: &mut String, left: &str, help: &str| {
+        s.push_str(&format!("  --{left:<width$}  {help}\n"));
+    };
     for (name, hint, help) in FLAGS {
-        s.push_str(&format!("  --{:<22} {}\n", format!("{name} {hint}"), help));
+        line(&mut s, &format!("{name} {hint}"), help);
     }
-    s.push_str("  --version                print the version\n");
-    s.push_str("  --help                   print this help\n");
+    line(&mut s, "version", "print the version");
+    line(&mut s, "help", "print this help");
     s
 }
 
@@ -283,7 +307,7 @@ impl Config {
                 return Err(ConfigError::Version);
             }
             let Some(body) = arg.strip_prefix("--") else {
-                return Err(invalid(&arg, "unexpected argument"));
+                return Err(ConfigError::Unexpected(arg));
             };
             let name = body.split_once('=').map_or(body, |(n, _)| n).to_string();
             let Some((_, hint, _)) = FLAGS.iter().find(|(n, _, _)| *n == name) else {
@@ -296,7 +320,9 @@ impl Config {
             }
             let value = match body.split_once('=') {
                 Some((_, v)) => v.to_string(),
-                None => args.next().ok_or_else(|| invalid(&name, "missing value"))?,
+                None => args
+                    .next()
+                    .ok_or_else(|| invalid(&name, &format!("missing value (expected {hint})")))?,
             };
             level_from_flag |= name == "log-level";
             values.push((name, value));
@@ -319,20 +345,26 @@ impl Config {
     fn set(&mut self, name: &str, v: &str) -> Result<(), ConfigError> {
         match name {
             "listen" => {
-                self.listen = v
-                    .parse()
-                    .map_err(|_| invalid(name, "expected an address like 0.0.0.0:8080"))?
+                self.listen = v.parse().map_err(|_| {
+                    invalid(
+                        name,
+                        &format!("expected IP:PORT like 0.0.0.0:8080 or [::]:8080, got {v:?}"),
+                    )
+                })?
             }
             "default-channel" => {
                 if !crate::hub::valid_channel_name(v) {
-                    return Err(invalid(name, "1-128 bytes of A-Za-z0-9_.:-"));
+                    return Err(invalid(
+                        name,
+                        &format!("expected 1-128 bytes of A-Za-z0-9_.:-, got {v:?}"),
+                    ));
                 }
                 self.default_channel = v.to_string();
             }
             "static-dir" => {
                 let p = PathBuf::from(v);
                 if !p.is_dir() {
-                    return Err(invalid(name, "not a directory"));
+                    return Err(invalid(name, &format!("{v:?} is not a directory")));
                 }
                 self.static_dir = Some(p);
             }
@@ -345,12 +377,16 @@ impl Config {
             "max-messages-per-sec" => self.max_messages_per_sec = positive(name, v)?,
             "max-messages-burst" => self.max_messages_burst = positive(name, v)?,
             "log-level" => {
-                self.log_level = v
-                    .parse()
-                    .map_err(|_| invalid(name, "one of off|error|warn|info|debug|trace"))?
+                self.log_level = v.parse().map_err(|_| {
+                    invalid(
+                        name,
+                        &format!("expected one of off|error|warn|info|debug|trace, got {v:?}"),
+                    )
+                })?
             }
             "redis" => {
-                crate::redis_link::Target::parse(v).map_err(|e| invalid(name, &e))?;
+                crate::redis_link::Target::parse(v)
+                    .map_err(|e| invalid(name, &format!("{e}, got {:?}", redact_url(v))))?;
                 self.redis = Some(v.to_string());
             }
             "channel-prefix" => self.channel_prefix = v.to_string(),
@@ -368,13 +404,8 @@ impl Config {
             }
             "jwt-secret" => self.jwt_secret = non_empty(name, v)?,
             "api-key" => self.api_key = non_empty(name, v)?,
-            "reuse-port" => {
-                self.reuse_port = match v {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    _ => return Err(invalid(name, "expected true or false")),
-                }
-            }
+            "reuse-port" => self.reuse_port = switch(name, v)?,
+            "standalone" => self.standalone = switch(name, v)?,
             _ => return Err(invalid(name, "unknown flag (see --help)")),
         }
         Ok(())
@@ -383,7 +414,21 @@ impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         // A close frame (≤ 127 bytes) must always fit in an empty queue.
         if self.max_outbound_bytes < 256 {
-            return Err(invalid("max-outbound-bytes", "must be at least 256"));
+            return Err(invalid(
+                "max-outbound-bytes",
+                &format!("expected at least 256, got {}", self.max_outbound_bytes),
+            ));
+        }
+        if self.reuse_port && self.redis.is_none() && !self.standalone {
+            return Err(invalid(
+                "reuse-port",
+                "without --redis, processes sharing a port do not share messages: clients \
+                 on different processes would not see each other. Add --redis URL, or \
+                 --standalone if separate islands are what you want",
+            ));
+        }
+        if self.standalone && self.redis.is_some() {
+            return Err(invalid("standalone", "contradicts --redis: choose one"));
         }
         Ok(())
     }
@@ -409,6 +454,28 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(
     }
 }
 
+fn switch(name: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(
+            name,
+            &format!("expected true or false (or no value), got {v:?}"),
+        )),
+    }
+}
+
+/// A Redis URL for an error message: the password, if any, is not shown.
+fn redact_url(v: &str) -> String {
+    match (v.find("://"), v.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match v[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &v[..s + 3], &v[at..]),
+            None => v.to_string(),
+        },
+        _ => v.to_string(),
+    }
+}
+
 fn non_empty(name: &str, v: &str) -> Result<Option<String>, ConfigError> {
     if v.is_empty() {
         return Err(invalid(name, "must not be empty"));
@@ -426,6 +493,77 @@ fn secs(name: &str, v: &str) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_names_the_flag_echoes_the_value_and_says_what_is_expected() {
+        for (args, needles) in [
+            (
+                &["--listen", "nope:1"][..],
+                &["--listen", "\"nope:1\"", "expected"][..],
+            ),
+            (
+                &["--log-level", "loud"],
+                &["--log-level", "\"loud\"", "expected"],
+            ),
+            (
+                &["--max-connections", "-3"],
+                &["--max-connections", "\"-3\"", "expected"],
+            ),
+            (
+                &["--ping-interval", "x"],
+                &["--ping-interval", "\"x\"", "expected"],
+            ),
+            (
+                &["--default-channel", "a b"],
+                &["--default-channel", "\"a b\"", "expected"],
+            ),
+            (
+                &["--reuse-port=maybe"],
+                &["--reuse-port", "\"maybe\"", "expected"],
+            ),
+            (
+                &["--redis", "redis://u:secret@h:99999999"],
+                &["--redis", "u:***@h:99999999", "expected"],
+            ),
+            (
+                &["--redis", "http://x"],
+                &["--redis", "\"http://x\"", "expected"],
+            ),
+        ] {
+            let e = parse(args, &[]).unwrap_err().to_string();
+            for n in needles {
+                assert!(e.contains(n), "{args:?}: {e:?} lacks {n:?}");
+            }
+            assert!(!e.contains("secret"), "{e}");
+            assert!(!e.contains("InvalidClientConfig"), "{e}");
+        }
+    }
+
+    #[test]
+    fn reuse_port_without_a_backplane_needs_standalone() {
+        let e = parse(&["--reuse-port"], &[]).unwrap_err().to_string();
+        assert!(e.contains("--redis") && e.contains("--standalone"), "{e}");
+        assert!(parse(&["--reuse-port", "--standalone"], &[]).is_ok());
+        assert!(parse(&["--reuse-port", "--redis", "redis://127.0.0.1"], &[]).is_ok());
+        assert!(parse(&["--standalone", "--redis", "redis://127.0.0.1"], &[]).is_err());
+    }
+
+    #[test]
+    fn help_columns_line_up() {
+        let u = usage();
+        let cols: Vec<usize> = u
+            .lines()
+            .filter(|l| l.starts_with("  --"))
+            .map(|l| {
+                let gap = l[4..].find("  ").expect("two spaces before the help") + 4;
+                gap + l[gap..].len() - l[gap..].trim_start().len()
+            })
+            .collect();
+        assert!(
+            cols.len() > 20 && cols.windows(2).all(|w| w[0] == w[1]),
+            "{u}"
+        );
+    }
 
     fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = env
@@ -454,13 +592,26 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_millis(500));
         assert_eq!(c.max_connections, 7);
         let c = parse(
-            &["--reuse-port", "--allowed-origins", "https://a, https://b/"],
+            &[
+                "--reuse-port",
+                "--standalone",
+                "--allowed-origins",
+                "https://a, https://b/",
+            ],
             &[],
         )
         .unwrap();
         assert!(c.reuse_port);
         assert_eq!(c.allowed_origins, ["https://a", "https://b"]);
-        let c = parse(&[], &[("WSFAN_REUSE_PORT", "1"), ("WSFAN_API_KEY", "k")]).unwrap();
+        let c = parse(
+            &[],
+            &[
+                ("WSFAN_REUSE_PORT", "1"),
+                ("WSFAN_STANDALONE", "yes"),
+                ("WSFAN_API_KEY", "k"),
+            ],
+        )
+        .unwrap();
         assert!(c.reuse_port);
         assert_eq!(c.api_key.as_deref(), Some("k"));
     }
@@ -481,6 +632,10 @@ mod tests {
                 other => panic!("{args:?}: {other:?}"),
             }
         }
+        assert!(matches!(
+            parse(&["listen"], &[]),
+            Err(ConfigError::Unexpected(a)) if a == "listen"
+        ));
         assert_eq!(parse(&["--help"], &[]).unwrap_err(), ConfigError::Help);
         assert_eq!(
             parse(&["--version"], &[]).unwrap_err(),

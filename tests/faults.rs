@@ -131,6 +131,7 @@ fn pongs_to_a_client_that_never_reads_count_against_its_output_cap() {
 #[test]
 fn a_client_that_reads_gets_every_echo_of_a_burst_larger_than_its_cap() {
     let s = Wsfan::start(&["--max-outbound-bytes", "65536"]);
+    let base = s.rss_kb();
     let stream = raw_ws(s.addr, "/ws/burst");
     let mut writer = stream.try_clone().unwrap();
     let reader = std::thread::spawn(move || {
@@ -182,6 +183,12 @@ fn a_client_that_reads_gets_every_echo_of_a_burst_larger_than_its_cap() {
     assert!(
         total < 16 * 1024 * 256,
         "the deaf client was not cut: {total} bytes"
+    );
+    // 4 MiB went through; queues held to 64 KiB each, plus read buffers.
+    let peak = peak_rss_kb(s.child.id());
+    assert!(
+        peak < base + 16 * 1024,
+        "peak RSS {peak} KiB from {base} KiB"
     );
 }
 

@@ -414,3 +414,157 @@ fn standalone_notifies_ready_without_waiting_for_traffic() {
     // No request is made: READY=1 must not wait for one (or for the 25 s ping timer).
     assert_eq!(notify.recv(), b"READY=1");
 }
+
+/// Runs the binary with `args` and returns (exit status, stderr).
+fn run_fails(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfan"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn per_core_processes_without_a_backplane_refuse_to_start() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (code, err) = run_fails(&["--listen", &listen, "--reuse-port"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--reuse-port") && err.contains("--redis") && err.contains("--standalone"),
+        "{err}"
+    );
+    // Opting in works (and then serves).
+    let s = Wsfan::start(&["--listen", &listen, "--reuse-port", "--standalone"]);
+    assert_eq!(s.status("/healthz"), 200);
+}
+
+#[test]
+fn a_port_in_use_names_the_address_and_the_flag() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let (code, err) = run_fails(&["--listen", &listen]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {listen} (--listen)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_argument_without_dashes_says_what_is_expected() {
+    let (code, err) = run_fails(&["8080"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("unexpected argument \"8080\"") && err.contains("--help"),
+        "{err}"
+    );
+}
+
+/// The systemd unit verifies clean as an instance (`wsfan@0`) and keeps its sandbox
+/// score; a template can't be verified (`CPUAffinity=%i` needs a number).
+#[test]
+fn the_systemd_unit_verifies_as_an_instance() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("note: no systemd-analyze here; unit not verified");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("wsfan-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let unit = std::fs::read_to_string("deploy/wsfan@.service")
+        .unwrap()
+        .replace("/usr/local/bin/wsfan", env!("CARGO_BIN_EXE_wsfan"));
+    assert!(
+        unit.contains("\nEnvironmentFile=/etc/wsfan.env"),
+        "required, not -optional"
+    );
+    let path = dir.join("wsfan@0.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "./wsfan@0.service"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for wsfan@0.service: ").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(score <= 1.4, "exposure {score}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every `wsfan_*` series the Grafana dashboard queries exists on a live /metrics page.
+#[test]
+fn the_grafana_dashboard_names_only_metrics_that_exist() {
+    let text = std::fs::read_to_string("deploy/grafana-wsfan.json").unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().expect("targets") {
+            exprs.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let redis = Redis::start();
+    let s = Wsfan::start(&["--redis", &redis.url()]);
+    let (_, _, body) = http(
+        s.addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let page = String::from_utf8(body).unwrap();
+    let families: std::collections::HashSet<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut named = 0;
+    for e in &exprs {
+        for (i, _) in e.match_indices("wsfan_") {
+            let name: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suf| name.strip_suffix(suf))
+                .filter(|f| families.contains(f))
+                .unwrap_or(&name);
+            assert!(
+                families.contains(family),
+                "{name} (in {e}) is not on /metrics"
+            );
+            named += 1;
+        }
+    }
+    for wanted in [
+        "wsfan_connections",
+        "wsfan_messages_delivered_total",
+        "wsfan_disconnects_total",
+        "wsfan_redis_up",
+        "wsfan_redis_reconnects_total",
+        "wsfan_loop_iteration_seconds_bucket",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(wanted)),
+            "no panel for {wanted}"
+        );
+    }
+    assert!(named >= 10);
+}

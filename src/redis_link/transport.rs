@@ -16,6 +16,8 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Above this the write buffer is released once it drains.
 const KEEP_OUT_BYTES: usize = 2 * 1024 * 1024;
 
+const EXPECTED_URL: &str = "expected redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]";
+
 /// Where Redis is and how to log in, from the `--redis` URL.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -38,9 +40,12 @@ impl Target {
             || url.starts_with("unix://")
             || url.starts_with("redis+unix://"))
         {
-            return Err("expected redis://host:port[/db] or unix:///path".to_string());
+            return Err(EXPECTED_URL.to_string());
         }
-        let info = url.into_connection_info().map_err(|e| e.to_string())?;
+        // The redis crate's own error text names its types; ours says what is expected.
+        let info = url
+            .into_connection_info()
+            .map_err(|_| EXPECTED_URL.to_string())?;
         let addr = match info.addr() {
             redis::ConnectionAddr::Tcp(h, p) => {
                 Addr::Tcp(h.trim_matches(['[', ']']).to_string(), *p)

@@ -5,7 +5,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 if ! command -v node >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
-  echo "browser: SKIPPED - needs node and chromium"; exit 0
+  # Exit 3 = skipped (tests/run-all.sh reports it); under CI a skipped stage fails.
+  echo "browser: SKIPPED - needs node and chromium"
+  [ "${CI:-}" = true ] && { echo "browser: CI=true, so a skipped stage fails the run"; exit 1; }
+  exit 3
 fi
 [ -d "$here/node_modules/playwright-core" ] || (cd "$here" && npm install --no-audit --no-fund --silent)
 
@@ -16,6 +19,12 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 pids+=($!)
+# Redis first, so wsfan's first connect succeeds (no alarming "Connection refused").
+for i in $(seq 200); do
+  [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] && break
+  [ "$i" = 200 ] && { echo "browser: redis-server never answered"; exit 1; }
+  sleep 0.05
+done
 bin="$root/target/release/wsfan"
 [ -x "$bin" ] || (cd "$root" && cargo build --release --bin wsfan)
 "$bin" --listen "127.0.0.1:$pa" --redis "redis://127.0.0.1:$rport" --log-level warn & pids+=($!)
