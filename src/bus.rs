@@ -1,55 +1,38 @@
-//! The backplane between the loop and "everyone else on this channel".
+//! Picks the backplane the configuration asks for, and the in-memory one.
 //!
-//! Standalone, it is an in-memory queue; with `--redis`, it is [`RedisLink`]. Both take
-//! the same inputs (interest changes from the hub, publishes from clients) and give the
-//! same outputs ([`BusEvent`]s), so the loop never knows which one it talks to, and a
-//! later backplane (Redis Streams with offsets, sharded Pub/Sub) slots in here.
+//! [`LocalBus`] is the whole standalone backplane and the shortest example of the
+//! [`Backplane`] trait: publishes loop straight back as deliveries, in order, and every
+//! channel is always subscribed.
 
+use crate::backplane::{Backplane, BusEvent, BusStats, Published};
+use crate::config::Config;
 use crate::hub::Interest;
-use crate::redis_link::RedisLink;
+use crate::redis_link::{health::Timing, RedisLink, Settings};
 use crate::ws::Kind;
 use bytes::Bytes;
-use mio::{event::Event, Registry};
 use std::collections::VecDeque;
 use std::time::Instant;
 
-/// Something the backplane tells the loop.
-#[derive(Debug, PartialEq, Eq)]
-pub enum BusEvent {
-    /// Deliver this message to the local members of `channel`.
-    Deliver {
-        channel: String,
-        kind: Kind,
-        payload: Bytes,
-    },
-    /// `channel` is now subscribed: held upgrades for it may complete.
-    Subscribed(String),
-}
+/// The backplane of this process.
+pub type Bus = Box<dyn Backplane>;
 
-/// Outcome of a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
-    /// Sent, or queued for sending.
-    Accepted,
-    /// Queued, but the outage buffer was full and its oldest message was dropped.
-    AcceptedDroppedOldest,
-}
-
-/// Counters the metrics page shows.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BusStats {
-    pub up: bool,
-    pub reconnects: u64,
-    pub buffered_messages: usize,
-    pub buffered_bytes: usize,
-    pub dropped: u64,
-    /// Messages from Redis larger than `--max-message-size`, not delivered.
-    pub oversize: u64,
-    pub published: u64,
-    /// Publishes dropped after `redis_link::MAX_PUBLISH_SENDS` sends without a reply.
-    pub publish_abandoned: u64,
-    /// Redis connect attempts that failed before the link came up.
-    pub connect_failures: u64,
+/// Redis with `--redis`, in memory without.
+pub fn from_config(cfg: &Config) -> Bus {
+    match &cfg.redis {
+        Some(target) => Box::new(RedisLink::new(Settings {
+            target: target.clone(),
+            prefix: cfg.channel_prefix.clone(),
+            buffer_messages: cfg.redis_buffer_messages,
+            buffer_bytes: cfg.redis_buffer_bytes,
+            max_payload: cfg.max_message_size,
+            timing: Timing {
+                ping_interval: cfg.redis_ping_interval,
+                timeout: cfg.redis_timeout,
+                backoff_max: cfg.redis_backoff_max,
+            },
+        })),
+        None => Box::<LocalBus>::default(),
+    }
 }
 
 /// Standalone: publishes loop straight back as deliveries, in order.
@@ -59,114 +42,74 @@ pub struct LocalBus {
     published: u64,
 }
 
-pub enum Bus {
-    Local(LocalBus),
-    Redis(Box<RedisLink>),
+impl Backplane for LocalBus {
+    fn describe(&self) -> String {
+        "standalone (no Redis)".to_string()
+    }
+
+    fn interest(&mut self, _: Interest) {}
+
+    fn is_subscribed(&self, _: &str) -> bool {
+        true
+    }
+
+    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
+        self.published += 1;
+        self.queue.push_back(BusEvent::Deliver {
+            channel: channel.to_string(),
+            kind,
+            payload,
+        });
+        Published::Accepted
+    }
+
+    fn is_full(&self, _: usize) -> bool {
+        false
+    }
+
+    fn drain(&mut self, out: &mut Vec<BusEvent>) {
+        out.extend(self.queue.drain(..));
+    }
+
+    fn ready(&self, _: Instant) -> Result<(), &'static str> {
+        Ok(())
+    }
+
+    fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn stats(&self, _: Instant) -> BusStats {
+        BusStats {
+            up: true,
+            published: self.published,
+            ..Default::default()
+        }
+    }
 }
 
-impl Bus {
-    pub fn interest(&mut self, i: Interest) {
-        if let Bus::Redis(r) = self {
-            r.interest(i);
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Whether a message published now on `channel` will reach this instance.
-    pub fn is_subscribed(&self, channel: &str) -> bool {
-        match self {
-            Bus::Local(_) => true,
-            Bus::Redis(r) => r.is_subscribed(channel),
+    #[test]
+    fn the_local_bus_delivers_every_publish_in_order() {
+        let mut b = LocalBus::default();
+        assert!(b.is_subscribed("any") && b.ready(Instant::now()).is_ok());
+        for i in 0..3 {
+            b.publish("c", Kind::Text, Bytes::from(format!("{i}")));
         }
-    }
-
-    pub fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
-        match self {
-            Bus::Local(l) => {
-                l.published += 1;
-                l.queue.push_back(BusEvent::Deliver {
-                    channel: channel.to_string(),
-                    kind,
-                    payload,
-                });
-                Published::Accepted
-            }
-            Bus::Redis(r) => r.publish(channel, kind, payload),
-        }
-    }
-
-    /// Whether a publish now would have to drop a buffered message (publish API → 503).
-    pub fn is_full(&self, bytes: usize) -> bool {
-        match self {
-            Bus::Local(_) => false,
-            Bus::Redis(r) => r.is_full(bytes),
-        }
-    }
-
-    /// Moves pending events into `out`.
-    pub fn drain(&mut self, out: &mut Vec<BusEvent>) {
-        match self {
-            Bus::Local(l) => out.extend(l.queue.drain(..)),
-            Bus::Redis(r) => r.drain(out),
-        }
-    }
-
-    /// `Ok` while a publish and a subscribe would work now; otherwise why not (for
-    /// `/readyz` and systemd's `READY=1`).
-    pub fn ready(&self, now: Instant) -> Result<(), &'static str> {
-        match self {
-            Bus::Local(_) => Ok(()),
-            Bus::Redis(r) => r.ready(now),
-        }
-    }
-
-    pub fn on_event(&mut self, registry: &Registry, ev: &Event, now: Instant) {
-        if let Bus::Redis(r) = self {
-            r.on_event(registry, ev, now);
-        }
-    }
-
-    /// Goes on reading input a previous read left for this iteration (read budget).
-    pub fn resume_reads(&mut self, registry: &Registry, now: Instant) {
-        if let Bus::Redis(r) = self {
-            r.resume_reads(registry, now);
-        }
-    }
-
-    /// Input is waiting to be read without a new readiness event: poll without sleeping.
-    pub fn has_more_to_read(&self) -> bool {
-        matches!(self, Bus::Redis(r) if r.has_more_to_read())
-    }
-
-    /// Timers (reconnect, PING deadlines) and writing what was queued this iteration.
-    pub fn tick(&mut self, registry: &Registry, now: Instant) {
-        if let Bus::Redis(r) = self {
-            r.tick(registry, now);
-        }
-    }
-
-    pub fn next_deadline(&self) -> Option<Instant> {
-        match self {
-            Bus::Local(_) => None,
-            Bus::Redis(r) => r.next_deadline(),
-        }
-    }
-
-    /// Unsent publishes (shutdown waits for them).
-    pub fn pending(&self) -> usize {
-        match self {
-            Bus::Local(l) => l.queue.len(),
-            Bus::Redis(r) => r.stats(Instant::now()).buffered_messages,
-        }
-    }
-
-    pub fn stats(&self, now: Instant) -> BusStats {
-        match self {
-            Bus::Local(l) => BusStats {
-                up: true,
-                published: l.published,
-                ..Default::default()
-            },
-            Bus::Redis(r) => r.stats(now),
-        }
+        assert_eq!(b.pending(), 3);
+        let mut out = Vec::new();
+        b.drain(&mut out);
+        let got: Vec<_> = out
+            .iter()
+            .map(|e| match e {
+                BusEvent::Deliver { payload, .. } => payload.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, ["0", "1", "2"]);
+        assert_eq!(b.stats(Instant::now()).published, 3);
     }
 }

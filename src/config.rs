@@ -43,9 +43,9 @@ pub struct Config {
     pub max_messages_burst: u32,
     /// Log level filter (`error`, `warn`, `info`, `debug`, `trace`). Default `info`.
     pub log_level: log::LevelFilter,
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `unix:///path[?db=N]`).
+    /// Redis (`redis://[user:pass@]host:port[/db]`, `unix:///path[?db=N]`), parsed.
     /// `None` runs standalone.
-    pub redis: Option<String>,
+    pub redis: Option<crate::redis_target::Target>,
     /// Prefix prepended to channel names to form Redis channel names. Default empty.
     pub channel_prefix: String,
     /// Messages kept for publishing while Redis is unreachable. Default 10,000.
@@ -385,9 +385,9 @@ impl Config {
                 })?
             }
             "redis" => {
-                crate::redis_link::Target::parse(v)
+                let target = crate::redis_target::Target::parse(v)
                     .map_err(|e| invalid(name, &format!("{e}, got {:?}", redact_url(v))))?;
-                self.redis = Some(v.to_string());
+                self.redis = Some(target);
             }
             "channel-prefix" => self.channel_prefix = v.to_string(),
             "redis-buffer-messages" => self.redis_buffer_messages = positive(name, v)?,

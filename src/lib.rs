@@ -25,6 +25,7 @@
 //! | [`listen`]      | the listening socket (`SO_REUSEPORT`)                        |
 //! | [`notify`]      | systemd `READY=1` / `STOPPING=1`                             |
 
+pub mod backplane;
 pub mod bus;
 pub mod config;
 pub mod conn;
@@ -39,9 +40,11 @@ pub mod metrics;
 pub mod notify;
 pub mod outq;
 pub mod redis_link;
+pub mod redis_target;
 pub mod routes;
 pub mod server;
 pub mod static_files;
+pub mod token;
 pub mod ws;
 
 pub use config::Config;

@@ -1,7 +1,7 @@
 //! Counters kept as plain integers in the loop; rendered as Prometheus text only when
 //! `/metrics` is scraped.
 
-use crate::bus::BusStats;
+use crate::backplane::BusStats;
 use crate::conn::Reason;
 use crate::outq::WriteStats;
 use std::fmt::Write;

@@ -1,91 +1,26 @@
-//! The transport under each Redis link: where Redis is (`Target`, from the URL), the
-//! non-blocking TCP or Unix stream, and one connection's state (`Link`: connect,
-//! write buffer, parser, backoff, PING bookkeeping). No Pub/Sub logic here.
+//! The transport under each Redis link: the non-blocking TCP or Unix stream (after a
+//! host-name lookup in a child process) and one connection's buffers (`Link`: write
+//! buffer, read buffer, parser). No Pub/Sub logic and no timing here (`health` has it).
 
 use super::resp::ReadBuf;
+use crate::redis_target::{Addr, Target};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
-use redis::IntoConnectionInfo;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-/// First reconnect delay; doubles per failed attempt up to `redis_backoff_max`.
-const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Above this the write buffer is released once it drains.
 const KEEP_OUT_BYTES: usize = 2 * 1024 * 1024;
 
-const EXPECTED_URL: &str = "expected redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]";
-
-/// Where Redis is and how to log in, from the `--redis` URL.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub(super) addr: Addr,
-    pub(super) username: Option<String>,
-    pub(super) password: Option<String>,
-    pub(super) db: i64,
-}
-
-#[derive(Debug, Clone)]
-pub(super) enum Addr {
-    Tcp(String, u16),
-    Unix(PathBuf),
-}
-
-impl Target {
-    /// Parses `redis://[user:pass@]host[:port][/db]` or `unix:///path[?db=N&pass=..]`.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        if !(url.starts_with("redis://")
-            || url.starts_with("unix://")
-            || url.starts_with("redis+unix://"))
-        {
-            return Err(EXPECTED_URL.to_string());
-        }
-        // The redis crate's own error text names its types; ours says what is expected.
-        let info = url
-            .into_connection_info()
-            .map_err(|_| EXPECTED_URL.to_string())?;
-        let addr = match info.addr() {
-            redis::ConnectionAddr::Tcp(h, p) => {
-                Addr::Tcp(h.trim_matches(['[', ']']).to_string(), *p)
-            }
-            redis::ConnectionAddr::Unix(p) => Addr::Unix(p.clone()),
-            _ => return Err("TLS (rediss://) is not supported".to_string()),
-        };
-        let r = info.redis_settings();
-        Ok(Target {
-            addr,
-            username: r.username().map(str::to_string),
-            password: r.password().map(str::to_string),
-            db: r.db(),
-        })
-    }
-
-    /// For logs: the password is never shown.
-    pub fn display(&self) -> String {
-        let auth = match (&self.username, &self.password) {
-            (Some(u), Some(_)) => format!("{u}:***@"),
-            (None, Some(_)) => ":***@".to_string(),
-            (Some(u), None) => format!("{u}@"),
-            (None, None) => String::new(),
-        };
-        match &self.addr {
-            Addr::Tcp(h, p) => format!("redis://{auth}{h}:{p}/{}", self.db),
-            Addr::Unix(p) => format!("unix://{}?db={}", p.display(), self.db),
-        }
-    }
-
-    /// Starts connecting. An IP literal or a Unix path connects at once; a host name is
-    /// first resolved by a child process (`Stream::Resolving`), never on the loop.
-    pub(super) fn connect(&self) -> io::Result<Stream> {
-        match &self.addr {
-            Addr::Tcp(host, port) => match host.parse::<IpAddr>() {
-                Ok(ip) => Stream::tcp(SocketAddr::new(ip, *port)),
-                Err(_) => Ok(Stream::Resolving(Resolver::start(host, *port)?)),
-            },
-            Addr::Unix(p) => Ok(Stream::Unix(mio::net::UnixStream::connect(p)?)),
-        }
+/// Starts connecting. An IP literal or a Unix path connects at once; a host name is
+/// first resolved by a child process (`Stream::Resolving`), never on the loop.
+pub(super) fn connect(target: &Target) -> io::Result<Stream> {
+    match &target.addr {
+        Addr::Tcp(host, port) => match host.parse::<IpAddr>() {
+            Ok(ip) => Stream::tcp(SocketAddr::new(ip, *port)),
+            Err(_) => Ok(Stream::Resolving(Resolver::start(host, *port)?)),
+        },
+        Addr::Unix(p) => Ok(Stream::Unix(mio::net::UnixStream::connect(p)?)),
     }
 }
 
@@ -275,25 +210,10 @@ impl Stream {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum State {
-    /// Not connected; next attempt at `retry_at`.
-    Down,
-    /// Non-blocking connect in progress.
-    Connecting,
-    /// TCP is connected, login commands and a PING are sent; up once they are
-    /// answered. (A connect to a frozen or overloaded Redis succeeds in the kernel's
-    /// backlog: only a reply proves the link usable.)
-    Handshaking,
-    /// Proven by a round trip: Pub/Sub and publishes flow.
-    Up,
-}
-
-/// One Redis connection's transport state.
+/// One Redis connection's transport: stream, buffers, parser.
 pub(super) struct Link {
     pub(super) name: &'static str,
     pub(super) token: Token,
-    pub(super) state: State,
     pub(super) stream: Option<Stream>,
     /// Resolved addresses not tried yet in this attempt.
     pub(super) addrs: std::collections::VecDeque<SocketAddr>,
@@ -303,28 +223,16 @@ pub(super) struct Link {
     pub(super) rbuf: ReadBuf,
     /// The last read stopped at its budget, not at WouldBlock.
     pub(super) more_to_read: bool,
-    pub(super) out: Vec<u8>,
-    pub(super) out_pos: usize,
-    pub(super) retry_at: Instant,
-    pub(super) failures: u32,
-    pub(super) deadline: Option<Instant>,
-    pub(super) next_ping: Instant,
-    pub(super) ping_sent: Option<Instant>,
-    /// The PING in flight is the handshake's, not a periodic one.
-    pub(super) handshake_replies_left: u32,
-    pub(super) ever_up: bool,
-    /// Last failure logged (its text, when) and how many identical ones were not.
-    pub(super) last_failure: Option<(String, Instant)>,
-    pub(super) failures_unlogged: u32,
+    out: Vec<u8>,
+    out_pos: usize,
 }
 
 impl Link {
     /// `max_bulk`: the largest bulk string (message payload) this link keeps.
-    pub(super) fn new(name: &'static str, token: Token, max_bulk: usize, now: Instant) -> Link {
+    pub(super) fn new(name: &'static str, token: Token, max_bulk: usize) -> Link {
         Link {
             name,
             token,
-            state: State::Down,
             stream: None,
             addrs: std::collections::VecDeque::new(),
             reap: Vec::new(),
@@ -333,15 +241,6 @@ impl Link {
             more_to_read: false,
             out: Vec::new(),
             out_pos: 0,
-            retry_at: now,
-            failures: 0,
-            deadline: None,
-            next_ping: now,
-            ping_sent: None,
-            handshake_replies_left: 0,
-            ever_up: false,
-            last_failure: None,
-            failures_unlogged: 0,
         }
     }
 
@@ -349,11 +248,9 @@ impl Link {
         cmd.write_packed_command(&mut self.out);
     }
 
-    /// Writes queued bytes until done or WouldBlock.
+    /// Writes queued bytes until done or WouldBlock (the caller checks that the stream
+    /// is connected).
     pub(super) fn write(&mut self) -> io::Result<()> {
-        if !self.connected() {
-            return Ok(());
-        }
         let Some(s) = self.stream.as_mut() else {
             return Ok(());
         };
@@ -372,24 +269,6 @@ impl Link {
             self.out = Vec::new();
         }
         Ok(())
-    }
-
-    /// TCP (or Unix) connected: handshaking or up.
-    pub(super) fn connected(&self) -> bool {
-        matches!(self.state, State::Handshaking | State::Up)
-    }
-
-    /// Whether a failure with this text should be logged now; identical ones within
-    /// `every` are only counted (returned with the next one that is logged).
-    pub(super) fn log_failure(&mut self, why: &str, now: Instant, every: Duration) -> Option<u32> {
-        if let Some((last, at)) = &self.last_failure {
-            if last == why && now.saturating_duration_since(*at) < every {
-                self.failures_unlogged += 1;
-                return None;
-            }
-        }
-        self.last_failure = Some((why.to_string(), now));
-        Some(std::mem::take(&mut self.failures_unlogged))
     }
 
     pub(super) fn pending_out(&self) -> usize {
@@ -439,47 +318,15 @@ impl Link {
         matches!(self.stream, Some(Stream::Resolving(_)))
     }
 
-    pub(super) fn close(&mut self, registry: &Registry, now: Instant, max: Duration, jitter: f64) {
+    /// Drops the connection and everything buffered for it (a new connection starts
+    /// with a new parser: the redis crate's EOF is sticky).
+    pub(super) fn close(&mut self, registry: &Registry) {
         self.drop_stream(registry);
         self.addrs.clear();
-        self.state = State::Down;
         self.parser = redis::Parser::new();
         self.rbuf.clear();
         self.more_to_read = false;
         self.out.clear();
         self.out_pos = 0;
-        self.ping_sent = None;
-        self.handshake_replies_left = 0;
-        self.deadline = None;
-        let exp = BACKOFF_START.saturating_mul(1u32 << self.failures.min(16));
-        let cap = exp.min(max);
-        // "Equal jitter": between half the cap and the cap.
-        self.retry_at = now + cap.mul_f64(0.5 + 0.5 * jitter);
-        self.failures = self.failures.saturating_add(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    pub(super) fn urls_parse_and_passwords_are_redacted() {
-        let t = Target::parse("redis://user:secret@10.0.0.1:6380/2").unwrap();
-        assert_eq!(t.display(), "redis://user:***@10.0.0.1:6380/2");
-        assert!(!t.display().contains("secret"));
-        let t = Target::parse("redis://localhost").unwrap();
-        assert_eq!(t.display(), "redis://localhost:6379/0");
-        let t = Target::parse("unix:///run/redis.sock?db=3").unwrap();
-        assert_eq!(t.display(), "unix:///run/redis.sock?db=3");
-        for bad in [
-            "http://x",
-            "redis//x",
-            "",
-            "rediss://x:1",
-            "redis://:99999999",
-        ] {
-            assert!(Target::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -14,14 +14,15 @@ mod fanout;
 mod lifecycle;
 mod read;
 
-use crate::bus::{Bus, BusEvent};
+use crate::backplane::BusEvent;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Conn, Phase, Reason};
 use crate::hub::{ConnId, Hub};
 use crate::metrics::{Metrics, Rejection};
 use crate::outq::{Flushed, OutQueue};
-use crate::redis_link::RedisLink;
 use crate::static_files::Files;
+use crate::token::{self, LISTENER, SIGNALS};
 use crate::ws::{self, Kind};
 use bytes::Bytes;
 use log::{debug, info, warn};
@@ -33,12 +34,6 @@ use std::collections::BinaryHeap;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
-
-/// Reserved tokens, at the top of the range so they never meet a slab key.
-pub const LISTENER: Token = Token(usize::MAX - 1);
-pub const SIGNALS: Token = Token(usize::MAX - 2);
-pub const REDIS_SUB: Token = Token(usize::MAX - 3);
-pub const REDIS_PUB: Token = Token(usize::MAX - 4);
 
 /// Shared read buffer: every socket is read into this, so idle connections own none.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -112,12 +107,7 @@ impl Server {
         ])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Ready::READABLE)?;
-        let bus = match &cfg.redis {
-            Some(url) => Bus::Redis(Box::new(
-                RedisLink::new(url, &cfg).map_err(io::Error::other)?,
-            )),
-            None => Bus::Local(Default::default()),
-        };
+        let bus = crate::bus::from_config(&cfg);
         let now = Instant::now();
         Ok(Server {
             next_ping: now + cfg.ping_interval,
@@ -162,11 +152,11 @@ impl Server {
 
     /// Runs until a graceful shutdown completes. A second signal exits at once (130).
     pub fn run(mut self) -> io::Result<()> {
-        let mode = match &self.bus {
-            Bus::Local(_) => "standalone (no Redis)".to_string(),
-            Bus::Redis(r) => format!(
-                "redis {} prefix={:?}",
-                r.target_display(),
+        let mode = match &self.cfg.redis {
+            None => self.bus.describe(),
+            Some(_) => format!(
+                "{} prefix={:?}",
+                self.bus.describe(),
                 self.cfg.channel_prefix
             ),
         };
@@ -202,7 +192,7 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept(now),
                     SIGNALS => self.on_signal(now),
-                    REDIS_SUB | REDIS_PUB => self.bus.on_event(self.poll.registry(), ev, now),
+                    t if token::is_backplane(t) => self.bus.on_event(self.poll.registry(), ev, now),
                     Token(k) => self.on_conn_event(ConnId(k), ev, now),
                 }
             }

@@ -1,0 +1,91 @@
+//! The seam between the loop and "everyone else on this channel": the [`Backplane`]
+//! trait, what a backplane tells the loop ([`BusEvent`]) and what it counts
+//! ([`BusStats`]).
+//!
+//! A backplane is a sans-IO core plus a thin I/O shell. The loop owns the poll and the
+//! clock: it hands the backplane interest changes (first member joined / last left),
+//! publishes, readiness events for the backplane's own tokens (`token::BACKPLANE_*`) and
+//! `now`; once per iteration it calls [`Backplane::tick`] (timers, writes) and drains
+//! [`BusEvent`]s (deliveries, confirmed subscriptions). `bus::LocalBus` (standalone, in
+//! memory) is the shortest complete example; `redis_link::RedisLink` the real one.
+
+use crate::hub::Interest;
+use crate::ws::Kind;
+use bytes::Bytes;
+use mio::{event::Event, Registry};
+use std::time::Instant;
+
+/// Something the backplane tells the loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BusEvent {
+    /// Deliver this message to the local members of `channel`.
+    Deliver {
+        channel: String,
+        kind: Kind,
+        payload: Bytes,
+    },
+    /// `channel` is now subscribed: held upgrades for it may complete.
+    Subscribed(String),
+}
+
+/// Outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Sent, or queued for sending.
+    Accepted,
+    /// Queued, but the outage buffer was full and its oldest message was dropped.
+    AcceptedDroppedOldest,
+}
+
+/// Counters the metrics page shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BusStats {
+    pub up: bool,
+    pub reconnects: u64,
+    pub buffered_messages: usize,
+    pub buffered_bytes: usize,
+    pub dropped: u64,
+    /// Messages from the backplane larger than `--max-message-size`, not delivered.
+    pub oversize: u64,
+    pub published: u64,
+    /// Publishes dropped after being sent `MAX_PUBLISH_SENDS` times without a reply.
+    pub publish_abandoned: u64,
+    /// Connect attempts that failed before the link came up.
+    pub connect_failures: u64,
+}
+
+/// What the loop needs from a backplane. Every method returns at once: no blocking
+/// call, no sleeping; I/O only on the backplane's own non-blocking sockets.
+pub trait Backplane {
+    /// For the start-up log line (`standalone`, `redis redis://…`).
+    fn describe(&self) -> String;
+    /// The first local member of a channel joined, or the last left.
+    fn interest(&mut self, i: Interest);
+    /// Whether a message published now on `channel` will reach this instance.
+    fn is_subscribed(&self, channel: &str) -> bool;
+    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published;
+    /// Whether a publish now would have to drop a buffered message (publish API → 503).
+    fn is_full(&self, bytes: usize) -> bool;
+    /// Moves pending events into `out`.
+    fn drain(&mut self, out: &mut Vec<BusEvent>);
+    /// `Ok` while a publish and a subscribe would work now; otherwise why not (for
+    /// `/readyz` and systemd's `READY=1`).
+    fn ready(&self, now: Instant) -> Result<(), &'static str>;
+    /// A readiness event for one of the backplane's tokens.
+    fn on_event(&mut self, _registry: &Registry, _ev: &Event, _now: Instant) {}
+    /// Goes on reading input a previous read left for this iteration (read budget).
+    fn resume_reads(&mut self, _registry: &Registry, _now: Instant) {}
+    /// Input is waiting to be read without a new readiness event: poll without sleeping.
+    fn has_more_to_read(&self) -> bool {
+        false
+    }
+    /// Timers (reconnects, PING deadlines) and writing what was queued this iteration.
+    fn tick(&mut self, _registry: &Registry, _now: Instant) {}
+    /// When `tick` next has something to do.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// Unsent publishes (shutdown waits for them).
+    fn pending(&self) -> usize;
+    fn stats(&self, now: Instant) -> BusStats;
+}
