@@ -1,6 +1,6 @@
 //! The seam between the loop and "everyone else on this channel": the [`Backplane`]
 //! trait, what a backplane tells the loop ([`BusEvent`]) and what it counts
-//! ([`BusStats`]).
+//! ([`BusStats`]). A leaf: the loop and every backplane import it, it imports neither.
 //!
 //! A backplane is a sans-IO core plus a thin I/O shell. The loop owns the poll and the
 //! clock: it hands the backplane interest changes (first member joined / last left),
@@ -26,15 +26,6 @@ pub enum BusEvent {
     },
     /// `channel` is now subscribed: held upgrades for it may complete.
     Subscribed(String),
-}
-
-/// Outcome of a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
-    /// Sent, or queued for sending.
-    Accepted,
-    /// Queued, but the outage buffer was full and its oldest message was dropped.
-    AcceptedDroppedOldest,
 }
 
 /// Counters the metrics page shows.
@@ -63,7 +54,9 @@ pub trait Backplane {
     fn interest(&mut self, i: Interest);
     /// Whether a message published now on `channel` will reach this instance.
     fn is_subscribed(&self, channel: &str) -> bool;
-    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published;
+    /// Sends, or queues for sending. A backplane that has to drop something to stay
+    /// within its limits counts it in its stats (and logs it, rate-limited).
+    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes);
     /// Whether a publish now would have to drop a buffered message (publish API → 503).
     fn is_full(&self, bytes: usize) -> bool;
     /// Moves pending events into `out`.

@@ -4,7 +4,7 @@
 //! [`Backplane`] trait: publishes loop straight back as deliveries, in order, and every
 //! channel is always subscribed.
 
-use crate::backplane::{Backplane, BusEvent, BusStats, Published};
+use crate::backplane::{Backplane, BusEvent, BusStats};
 use crate::config::Config;
 use crate::hub::Interest;
 use crate::redis_link::{health::Timing, RedisLink, Settings};
@@ -53,14 +53,13 @@ impl Backplane for LocalBus {
         true
     }
 
-    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
+    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) {
         self.published += 1;
         self.queue.push_back(BusEvent::Deliver {
             channel: channel.to_string(),
             kind,
             payload,
         });
-        Published::Accepted
     }
 
     fn is_full(&self, _: usize) -> bool {

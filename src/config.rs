@@ -77,27 +77,42 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// Every flag at its declared default (`FLAGS`), so a default is written once.
     fn default() -> Self {
+        let mut cfg = Config::unset();
+        for f in FLAGS {
+            if let Dflt::Value(v) = f.default {
+                // A declared default that does not parse is a bug caught by the tests.
+                let _ = (f.set)(&mut cfg, f.name, v);
+            }
+        }
+        cfg
+    }
+}
+
+impl Config {
+    /// Every field at its zero value: the starting point `FLAGS` defaults are applied to.
+    fn unset() -> Config {
         Config {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            default_channel: "chat_messages".to_string(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            default_channel: String::new(),
             static_dir: None,
-            max_connections: 10_000,
-            max_message_size: 64 * 1024,
-            max_outbound_bytes: 1024 * 1024,
-            handshake_timeout: Duration::from_secs(10),
-            shutdown_timeout: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(25),
-            max_messages_per_sec: 1000,
-            max_messages_burst: 2000,
+            max_connections: 0,
+            max_message_size: 0,
+            max_outbound_bytes: 0,
+            handshake_timeout: Duration::ZERO,
+            shutdown_timeout: Duration::ZERO,
+            ping_interval: Duration::ZERO,
+            max_messages_per_sec: 0,
+            max_messages_burst: 0,
             log_level: log::LevelFilter::Info,
             redis: None,
             channel_prefix: String::new(),
-            redis_buffer_messages: 10_000,
-            redis_buffer_bytes: 16 * 1024 * 1024,
-            redis_ping_interval: Duration::from_secs(3),
-            redis_timeout: Duration::from_secs(5),
-            redis_backoff_max: Duration::from_secs(5),
+            redis_buffer_messages: 0,
+            redis_buffer_bytes: 0,
+            redis_ping_interval: Duration::ZERO,
+            redis_timeout: Duration::ZERO,
+            redis_backoff_max: Duration::ZERO,
             allowed_origins: Vec::new(),
             jwt_secret: None,
             api_key: None,
@@ -136,128 +151,293 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// The flags, in `--help` order: (name, value hint, description with default).
-const FLAGS: &[(&str, &str, &str)] = &[
-    (
-        "listen",
-        "ADDR",
-        "address to listen on [default: 0.0.0.0:8080]",
-    ),
-    (
-        "default-channel",
-        "NAME",
-        "channel for upgrades on / and /ws [default: chat_messages]",
-    ),
-    (
-        "static-dir",
-        "DIR",
-        "serve static files from DIR [default: built-in copy of static/]",
-    ),
-    (
-        "max-connections",
-        "N",
-        "open connections before new ones get 503 [default: 10000]",
-    ),
-    (
-        "max-message-size",
-        "BYTES",
-        "largest message; a client's larger closes 1009, Redis's larger is skipped [default: 65536]",
-    ),
-    (
-        "max-outbound-bytes",
-        "BYTES",
-        "per-connection output queue cap (slow consumer) [default: 1048576]",
-    ),
-    (
-        "handshake-timeout",
-        "SECS",
-        "time to complete a request/upgrade [default: 10]",
-    ),
-    (
-        "shutdown-timeout",
-        "SECS",
-        "graceful shutdown flush limit [default: 5]",
-    ),
-    (
-        "ping-interval",
-        "SECS",
-        "keepalive ping interval; silent clients dropped [default: 25]",
-    ),
-    (
-        "max-messages-per-sec",
-        "N",
-        "sustained messages/s per connection; over closes 1008 [default: 1000]",
-    ),
-    (
-        "max-messages-burst",
-        "N",
-        "message burst per connection [default: 2000]",
-    ),
-    (
-        "log-level",
-        "LEVEL",
-        "error|warn|info|debug|trace [default: info; RUST_LOG also works]",
-    ),
-    (
-        "redis",
-        "URL",
-        "redis://[user:pass@]host:port[/db] or unix:///path [default: standalone]",
-    ),
-    (
-        "channel-prefix",
-        "STR",
-        "prefix of Redis channel names [default: empty]",
-    ),
-    (
-        "redis-buffer-messages",
-        "N",
-        "messages buffered while Redis is down [default: 10000]",
-    ),
-    (
-        "redis-buffer-bytes",
-        "BYTES",
-        "bytes buffered while Redis is down [default: 16777216]",
-    ),
-    (
-        "redis-ping-interval",
-        "SECS",
-        "PING period on each Redis link [default: 3]",
-    ),
-    (
-        "redis-timeout",
-        "SECS",
-        "unanswered PING (or unfinished connect) marks the link dead [default: 5]",
-    ),
-    (
-        "redis-backoff-max",
-        "SECS",
-        "longest reconnect backoff [default: 5]",
-    ),
-    (
-        "allowed-origins",
-        "LIST",
-        "comma-separated browser origins, or * [default: same host only]",
-    ),
-    (
-        "jwt-secret",
-        "SECRET",
-        "require an HS256 JWT in ?token= for upgrades [default: off]",
-    ),
-    (
-        "api-key",
-        "KEY",
-        "enable POST /publish/<channel> with this Bearer key [default: off]",
-    ),
-    (
-        "reuse-port",
-        "",
-        "set SO_REUSEPORT: one process per core on one port (needs --redis) [default: off]",
-    ),
-    (
-        "standalone",
-        "",
-        "no backplane, on purpose (with --reuse-port: separate islands) [default: off]",
-    ),
+/// A flag's default: a value applied through its parser, or "not set" with what that
+/// means (for `--help` and the README).
+#[derive(Debug, Clone, Copy)]
+pub enum Dflt {
+    Value(&'static str),
+    Unset(&'static str),
+}
+
+/// One flag, declared once: name, value hint, default, help, parser. `--help`,
+/// `Config::default()` and the README table (checked by a test) all come from `FLAGS`.
+pub struct Flag {
+    pub name: &'static str,
+    /// Shown after the name in `--help`; empty for a switch (no value).
+    pub hint: &'static str,
+    pub default: Dflt,
+    pub help: &'static str,
+    set: fn(&mut Config, &str, &str) -> Result<(), ConfigError>,
+}
+
+impl Flag {
+    /// The default as `--help` and the README show it.
+    pub fn default_text(&self) -> &'static str {
+        match self.default {
+            Dflt::Value(v) | Dflt::Unset(v) => v,
+        }
+    }
+}
+
+/// The flags, in `--help` order.
+pub const FLAGS: &[Flag] = &[
+    Flag {
+        name: "listen",
+        hint: "ADDR",
+        default: Dflt::Value("0.0.0.0:8080"),
+        help: "address to listen on",
+        set: |c, n, v| {
+            c.listen = v.parse().map_err(|_| {
+                invalid(n, &format!("expected IP:PORT like 0.0.0.0:8080 or [::]:8080, got {v:?}"))
+            })?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "default-channel",
+        hint: "NAME",
+        default: Dflt::Value("chat_messages"),
+        help: "channel for upgrades on / and /ws",
+        set: |c, n, v| {
+            if !crate::hub::valid_channel_name(v) {
+                return Err(invalid(n, &format!("expected 1-128 bytes of A-Za-z0-9_.:-, got {v:?}")));
+            }
+            c.default_channel = v.to_string();
+            Ok(())
+        },
+    },
+    Flag {
+        name: "static-dir",
+        hint: "DIR",
+        default: Dflt::Unset("built in"),
+        help: "serve static files from DIR instead of the compiled-in static/",
+        set: |c, n, v| {
+            let p = PathBuf::from(v);
+            if !p.is_dir() {
+                return Err(invalid(n, &format!("{v:?} is not a directory")));
+            }
+            c.static_dir = Some(p);
+            Ok(())
+        },
+    },
+    Flag {
+        name: "max-connections",
+        hint: "N",
+        default: Dflt::Value("10000"),
+        help: "open connections; more get 503",
+        set: |c, n, v| {
+            c.max_connections = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "max-message-size",
+        hint: "BYTES",
+        default: Dflt::Value("65536"),
+        help: "largest message; a client's larger closes 1009, one from Redis is skipped and counted",
+        set: |c, n, v| {
+            c.max_message_size = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "max-outbound-bytes",
+        hint: "BYTES",
+        default: Dflt::Value("1048576"),
+        help: "output queued per connection (+32 per frame) after writing what the kernel takes; more: slow consumer, 1008",
+        set: |c, n, v| {
+            c.max_outbound_bytes = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "handshake-timeout",
+        hint: "SECS",
+        default: Dflt::Value("10"),
+        help: "time to complete a request/upgrade; also the HTTP keep-alive idle limit",
+        set: |c, n, v| {
+            c.handshake_timeout = secs(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "shutdown-timeout",
+        hint: "SECS",
+        default: Dflt::Value("5"),
+        help: "how long a graceful shutdown may flush",
+        set: |c, n, v| {
+            c.shutdown_timeout = secs(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "ping-interval",
+        hint: "SECS",
+        default: Dflt::Value("25"),
+        help: "keepalive ping period; a client silent for a whole period is dropped",
+        set: |c, n, v| {
+            c.ping_interval = secs(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "max-messages-per-sec",
+        hint: "N",
+        default: Dflt::Value("1000"),
+        help: "sustained messages/s per connection (pings and pongs count); over: close 1008",
+        set: |c, n, v| {
+            c.max_messages_per_sec = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "max-messages-burst",
+        hint: "N",
+        default: Dflt::Value("2000"),
+        help: "burst size of that token bucket",
+        set: |c, n, v| {
+            c.max_messages_burst = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "log-level",
+        hint: "LEVEL",
+        default: Dflt::Value("info"),
+        help: "off|error|warn|info|debug|trace (RUST_LOG also works)",
+        set: |c, n, v| {
+            c.log_level = v.parse().map_err(|_| {
+                invalid(n, &format!("expected one of off|error|warn|info|debug|trace, got {v:?}"))
+            })?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "redis",
+        hint: "URL",
+        default: Dflt::Unset("standalone"),
+        help: "redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]",
+        set: |c, n, v| {
+            let target = crate::redis_target::Target::parse(v)
+                .map_err(|e| invalid(n, &format!("{e}, got {:?}", redact_url(v))))?;
+            c.redis = Some(target);
+            Ok(())
+        },
+    },
+    Flag {
+        name: "channel-prefix",
+        hint: "STR",
+        default: Dflt::Unset("empty"),
+        help: "Redis channel = prefix + channel",
+        set: |c, _, v| {
+            c.channel_prefix = v.to_string();
+            Ok(())
+        },
+    },
+    Flag {
+        name: "redis-buffer-messages",
+        hint: "N",
+        default: Dflt::Value("10000"),
+        help: "publishes kept while Redis is unreachable (oldest dropped beyond)",
+        set: |c, n, v| {
+            c.redis_buffer_messages = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "redis-buffer-bytes",
+        hint: "BYTES",
+        default: Dflt::Value("16777216"),
+        help: "bytes kept while Redis is unreachable",
+        set: |c, n, v| {
+            c.redis_buffer_bytes = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "redis-ping-interval",
+        hint: "SECS",
+        default: Dflt::Value("3"),
+        help: "PING period on each Redis link",
+        set: |c, n, v| {
+            c.redis_ping_interval = secs(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "redis-timeout",
+        hint: "SECS",
+        default: Dflt::Value("5"),
+        help: "unanswered PING, or connect/login (host-name lookup included) not done: link dead",
+        set: |c, n, v| {
+            c.redis_timeout = secs(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "redis-backoff-max",
+        hint: "SECS",
+        default: Dflt::Value("5"),
+        help: "reconnect backoff cap (from 100 ms, doubling, jittered; reset once a link answered a periodic PING)",
+        set: |c, n, v| {
+            c.redis_backoff_max = secs(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "allowed-origins",
+        hint: "LIST",
+        default: Dflt::Unset("same host"),
+        help: "comma-separated browser origins or *; a refused Origin gets 403",
+        set: |c, _, v| {
+            c.allowed_origins = v
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect();
+            Ok(())
+        },
+    },
+    Flag {
+        name: "jwt-secret",
+        hint: "SECRET",
+        default: Dflt::Unset("off"),
+        help: "require an HS256 JWT in ?token= for upgrades",
+        set: |c, n, v| {
+            c.jwt_secret = non_empty(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "api-key",
+        hint: "KEY",
+        default: Dflt::Unset("off"),
+        help: "enables POST /publish/<channel> with Authorization: Bearer <key>",
+        set: |c, n, v| {
+            c.api_key = non_empty(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "reuse-port",
+        hint: "",
+        default: Dflt::Unset("off"),
+        help: "SO_REUSEPORT: one process per core on one port; needs --redis (or --standalone)",
+        set: |c, n, v| {
+            c.reuse_port = switch(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "standalone",
+        hint: "",
+        default: Dflt::Unset("off"),
+        help: "no backplane, on purpose: with --reuse-port each process is a separate island",
+        set: |c, n, v| {
+            c.standalone = switch(n, v)?;
+            Ok(())
+        },
+    },
 ];
 
 /// The `--help` text.
@@ -268,14 +448,15 @@ pub fn usage() -> String {
     );
     let width = FLAGS
         .iter()
-        .map(|(n, h, _)| n.len() + 1 + h.len())
+        .map(|f| f.name.len() + 1 + f.hint.len())
         .max()
         .unwrap_or(0);
     let line = |s: &mut String, left: &str, help: &str| {
         s.push_str(&format!("  --{left:<width$}  {help}\n"));
     };
-    for (name, hint, help) in FLAGS {
-        line(&mut s, &format!("{name} {hint}"), help);
+    for f in FLAGS {
+        let help = format!("{} [default: {}]", f.help, f.default_text());
+        line(&mut s, &format!("{} {}", f.name, f.hint), &help);
     }
     line(&mut s, "version", "print the version");
     line(&mut s, "help", "print this help");
@@ -291,10 +472,10 @@ impl Config {
         E: Fn(&str) -> Option<String>,
     {
         let mut values: Vec<(String, String)> = Vec::new();
-        for (name, _, _) in FLAGS {
-            let var = format!("WSFAN_{}", name.to_uppercase().replace('-', "_"));
+        for f in FLAGS {
+            let var = format!("WSFAN_{}", f.name.to_uppercase().replace('-', "_"));
             if let Some(v) = env(&var) {
-                values.push((name.to_string(), v));
+                values.push((f.name.to_string(), v));
             }
         }
         let mut level_from_flag = false;
@@ -310,7 +491,7 @@ impl Config {
                 return Err(ConfigError::Unexpected(arg));
             };
             let name = body.split_once('=').map_or(body, |(n, _)| n).to_string();
-            let Some((_, hint, _)) = FLAGS.iter().find(|(n, _, _)| *n == name) else {
+            let Some(Flag { hint, .. }) = FLAGS.iter().find(|f| f.name == name) else {
                 return Err(invalid(&name, "unknown flag (see --help)"));
             };
             // Switches take no value unless given as --name=value.
@@ -343,72 +524,10 @@ impl Config {
     }
 
     fn set(&mut self, name: &str, v: &str) -> Result<(), ConfigError> {
-        match name {
-            "listen" => {
-                self.listen = v.parse().map_err(|_| {
-                    invalid(
-                        name,
-                        &format!("expected IP:PORT like 0.0.0.0:8080 or [::]:8080, got {v:?}"),
-                    )
-                })?
-            }
-            "default-channel" => {
-                if !crate::hub::valid_channel_name(v) {
-                    return Err(invalid(
-                        name,
-                        &format!("expected 1-128 bytes of A-Za-z0-9_.:-, got {v:?}"),
-                    ));
-                }
-                self.default_channel = v.to_string();
-            }
-            "static-dir" => {
-                let p = PathBuf::from(v);
-                if !p.is_dir() {
-                    return Err(invalid(name, &format!("{v:?} is not a directory")));
-                }
-                self.static_dir = Some(p);
-            }
-            "max-connections" => self.max_connections = positive(name, v)?,
-            "max-message-size" => self.max_message_size = positive(name, v)?,
-            "max-outbound-bytes" => self.max_outbound_bytes = positive(name, v)?,
-            "handshake-timeout" => self.handshake_timeout = secs(name, v)?,
-            "shutdown-timeout" => self.shutdown_timeout = secs(name, v)?,
-            "ping-interval" => self.ping_interval = secs(name, v)?,
-            "max-messages-per-sec" => self.max_messages_per_sec = positive(name, v)?,
-            "max-messages-burst" => self.max_messages_burst = positive(name, v)?,
-            "log-level" => {
-                self.log_level = v.parse().map_err(|_| {
-                    invalid(
-                        name,
-                        &format!("expected one of off|error|warn|info|debug|trace, got {v:?}"),
-                    )
-                })?
-            }
-            "redis" => {
-                let target = crate::redis_target::Target::parse(v)
-                    .map_err(|e| invalid(name, &format!("{e}, got {:?}", redact_url(v))))?;
-                self.redis = Some(target);
-            }
-            "channel-prefix" => self.channel_prefix = v.to_string(),
-            "redis-buffer-messages" => self.redis_buffer_messages = positive(name, v)?,
-            "redis-buffer-bytes" => self.redis_buffer_bytes = positive(name, v)?,
-            "redis-ping-interval" => self.redis_ping_interval = secs(name, v)?,
-            "redis-timeout" => self.redis_timeout = secs(name, v)?,
-            "redis-backoff-max" => self.redis_backoff_max = secs(name, v)?,
-            "allowed-origins" => {
-                self.allowed_origins = v
-                    .split(',')
-                    .map(|o| o.trim().trim_end_matches('/').to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect()
-            }
-            "jwt-secret" => self.jwt_secret = non_empty(name, v)?,
-            "api-key" => self.api_key = non_empty(name, v)?,
-            "reuse-port" => self.reuse_port = switch(name, v)?,
-            "standalone" => self.standalone = switch(name, v)?,
-            _ => return Err(invalid(name, "unknown flag (see --help)")),
+        match FLAGS.iter().find(|f| f.name == name) {
+            Some(f) => (f.set)(self, name, v),
+            None => Err(invalid(name, "unknown flag (see --help)")),
         }
-        Ok(())
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -546,6 +665,46 @@ mod tests {
         assert!(parse(&["--reuse-port", "--standalone"], &[]).is_ok());
         assert!(parse(&["--reuse-port", "--redis", "redis://127.0.0.1"], &[]).is_ok());
         assert!(parse(&["--standalone", "--redis", "redis://127.0.0.1"], &[]).is_err());
+    }
+
+    #[test]
+    fn every_declared_default_parses_and_defaults_are_sane() {
+        for f in FLAGS {
+            if let Dflt::Value(v) = f.default {
+                let mut c = Config::unset();
+                (f.set)(&mut c, f.name, v).unwrap_or_else(|e| panic!("{}: {e}", f.name));
+            }
+        }
+        let c = Config::default();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.redis_buffer_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert!(c.check().is_ok());
+    }
+
+    /// The README's flags table lists exactly `FLAGS`, with the same defaults.
+    #[test]
+    fn the_readme_flag_table_matches_the_declared_flags() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<(String, String)> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (
+                    cells[1]
+                        .trim_matches('`')
+                        .trim_start_matches("--")
+                        .to_string(),
+                    cells[2].trim_matches('`').to_string(),
+                )
+            })
+            .collect();
+        let declared: Vec<(String, String)> = FLAGS
+            .iter()
+            .map(|f| (f.name.to_string(), f.default_text().to_string()))
+            .collect();
+        assert_eq!(rows, declared, "README flags table vs config::FLAGS");
     }
 
     #[test]

@@ -102,8 +102,6 @@ pub struct Conn {
     pub inbuf: Vec<u8>,
     pub decoder: Decoder,
     pub out: OutQueue,
-    /// The HTTP response in flight ends the connection.
-    pub close_after_response: bool,
     /// WRITABLE interest is registered (only while output is left over).
     pub want_write: bool,
     /// Already in the loop's flush list this iteration.
@@ -137,7 +135,6 @@ impl Conn {
             inbuf: Vec::new(),
             decoder: Decoder::default(),
             out: OutQueue::default(),
-            close_after_response: false,
             want_write: false,
             in_flush_list: false,
             in_reread_list: false,

@@ -1,8 +1,8 @@
 //! HTTP/1.1 request heads and responses, sans-IO.
 //!
-//! Every connection starts as HTTP. Its request head is parsed here (httparse) and
-//! routed: a WebSocket upgrade, a static file, health, metrics or the publish API. The
-//! upgrade response itself comes from tungstenite's handshake code.
+//! Every connection starts as HTTP. Its request head is parsed here (httparse);
+//! `server::routes` decides what it gets. The upgrade response itself comes from
+//! tungstenite's handshake code.
 
 use bytes::Bytes;
 

@@ -131,11 +131,6 @@ impl Hub {
         }
     }
 
-    /// Names of all channels with local members (to re-subscribe after a reconnect).
-    pub fn channel_names(&self) -> impl Iterator<Item = &str> {
-        self.channels.iter().map(|(_, c)| &*c.name)
-    }
-
     /// The channels `conn` is in.
     pub fn channels_of(&self, conn: ConnId) -> impl Iterator<Item = &str> {
         self.conn_channels

@@ -7,7 +7,6 @@
 //! |-----------------|--------------------------------------------------------------|
 //! | [`config`]      | every flag/env setting, its default and validation           |
 //! | [`server`]      | the mio poll loop: accept, read, fan-out, flush, timers      |
-//! | [`routes`]      | what each HTTP request gets (upgrade, files, health, publish) |
 //! | [`conn`]        | one connection's state and phases                            |
 //! | [`hub`]         | sans-IO channel registry (channel ⇄ connections)              |
 //! | [`bus`]         | the backplane seam: in-memory (standalone) or Redis          |
@@ -41,7 +40,6 @@ pub mod notify;
 pub mod outq;
 pub mod redis_link;
 pub mod redis_target;
-pub mod routes;
 pub mod server;
 pub mod static_files;
 pub mod token;

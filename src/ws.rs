@@ -165,11 +165,6 @@ impl Decoder {
         }
         Ok(false)
     }
-
-    /// Bytes held for a message under reassembly (counts toward memory limits).
-    pub fn buffered(&self) -> usize {
-        self.fragments.as_ref().map_or(0, |f| f.1.capacity())
-    }
 }
 
 fn message(kind: Kind, data: Bytes) -> Result<Event, Violation> {

@@ -5,8 +5,9 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use wsfan::redis_link::resp;
+use wsfan::server::routes;
 use wsfan::ws::{Decoder, Event, Kind};
-use wsfan::{envelope, http, hub, jwt, routes};
+use wsfan::{envelope, http, hub, jwt};
 
 fn cases() -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")

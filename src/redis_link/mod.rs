@@ -27,7 +27,7 @@ mod transport;
 
 pub use transport::resolve_main;
 
-use crate::backplane::{Backplane, BusEvent, BusStats, Published};
+use crate::backplane::{Backplane, BusEvent, BusStats};
 use crate::hub::Interest;
 use crate::redis_target::Target;
 use crate::token::{REDIS_PUB, REDIS_SUB};
@@ -415,11 +415,10 @@ impl Backplane for RedisLink {
         self.sub.health.is_up() && self.subs.is_confirmed(channel)
     }
 
-    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) -> Published {
+    fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) {
         let body = envelope::encode(kind, &payload);
-        let r = self.outbox.push(self.subs.redis_name(channel), body);
+        self.outbox.push(self.subs.redis_name(channel), body);
         self.log_drops();
-        r
     }
 
     fn is_full(&self, extra: usize) -> bool {

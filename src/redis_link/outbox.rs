@@ -3,7 +3,6 @@
 //! answers. Inputs are publishes, replies and the link going down; outputs are PUBLISH
 //! commands and counters. No sockets, no clock.
 
-use crate::backplane::Published;
 use bytes::Bytes;
 use redis::Value;
 use std::collections::VecDeque;
@@ -74,20 +73,21 @@ impl Outbox {
     }
 
     /// Queues a publish; over the limits the oldest waiting ones are dropped (counted).
-    pub fn push(&mut self, channel: String, body: Bytes) -> Published {
-        let mut result = Published::Accepted;
+    /// Returns whether anything was dropped.
+    pub fn push(&mut self, channel: String, body: Bytes) -> bool {
+        let mut dropped = false;
         while self.over_limit(body.len()) {
             let Some(old) = self.waiting.pop_front() else {
                 break;
             };
             self.bytes -= old.body.len();
             self.dropped += 1;
-            result = Published::AcceptedDroppedOldest;
+            dropped = true;
         }
         if self.over_limit(body.len()) {
             // Everything buffered is already in flight: this one cannot be kept.
             self.dropped += 1;
-            return Published::AcceptedDroppedOldest;
+            return true;
         }
         self.bytes += body.len();
         self.waiting.push_back(Outgoing {
@@ -95,7 +95,7 @@ impl Outbox {
             body,
             sends: 0,
         });
-        result
+        dropped
     }
 
     /// Whether `extra` more bytes would go over a limit.
@@ -270,10 +270,7 @@ mod tests {
         let s = sent(&mut o);
         assert!(s[0].ends_with("$1\r\n2\r\n"), "oldest kept is 2: {s:?}");
         // All in flight: a new one cannot displace them.
-        assert_eq!(
-            o.push("c".into(), body("x")),
-            Published::AcceptedDroppedOldest
-        );
+        assert!(o.push("c".into(), body("x")), "dropped");
         assert_eq!(o.len(), 3);
         let mut o = Outbox::new(100, 10);
         o.push("c".into(), body("123456"));

@@ -1,8 +1,17 @@
 //! Fan-out and writing: one encoded frame queued to every member, flushed once per
 //! iteration, slow consumers closed after the fan-out.
 
-use super::*;
-use crate::outq::WriteStats;
+use super::{Server, WRITE_BUDGET};
+use crate::backplane::BusEvent;
+use crate::conn::{Conn, Phase, Reason};
+use crate::hub::ConnId;
+use crate::outq::{Flushed, OutQueue, WriteStats};
+use crate::ws::{self, Kind};
+use bytes::Bytes;
+use log::{debug, warn};
+use mio::{Interest as Ready, Token};
+use std::net::Shutdown;
+use std::time::Instant;
 
 /// Whether a frame fits a connection's output cap.
 enum Room {
@@ -118,7 +127,7 @@ impl Server {
     }
 
     /// Sends the held 101 and starts speaking WebSocket.
-    pub(crate) fn open_ws(&mut self, id: ConnId, now: Instant) {
+    pub(super) fn open_ws(&mut self, id: ConnId, now: Instant) {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };
@@ -147,7 +156,7 @@ impl Server {
     /// `--max-outbound-bytes` like a fan-out (pongs included: a client that pings and
     /// never reads is a slow consumer). HTTP responses are checked before each request
     /// is handled instead (`process_http`).
-    pub(crate) fn queue(&mut self, id: ConnId, bytes: Bytes) {
+    pub(super) fn queue(&mut self, id: ConnId, bytes: Bytes) {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };

@@ -1,11 +1,20 @@
-//! Closing connections, timers (deadlines, keepalive) and staged shutdown.
+//! Closing connections, timers (deadlines, keepalive), the log summary and staged
+//! shutdown.
 
-use super::*;
+use super::{Server, CLOSE_LINGER, SUMMARY_EVERY, TIMER_SLACK};
+use crate::conn::{Phase, Reason};
+use crate::hub::ConnId;
+use crate::metrics::Rejection;
+use crate::ws;
+use bytes::Bytes;
+use log::{debug, info, warn};
+use std::cmp::Reverse;
+use std::time::Instant;
 
 impl Server {
     /// Stops reading messages, queues `last` (a close frame or response), writes what is
     /// queued, then shuts the write side and lingers for the peer's EOF.
-    pub(crate) fn begin_close(
+    pub(super) fn begin_close(
         &mut self,
         id: ConnId,
         reason: Reason,
@@ -35,7 +44,7 @@ impl Server {
     }
 
     /// Closes the socket now.
-    pub(crate) fn drop_conn(&mut self, id: ConnId, reason: Reason) {
+    pub(super) fn drop_conn(&mut self, id: ConnId, reason: Reason) {
         let Some(mut c) = self.conns.try_remove(id.0) else {
             return;
         };
@@ -53,7 +62,7 @@ impl Server {
         }
     }
 
-    pub(crate) fn set_deadline(&mut self, id: ConnId, at: Instant) {
+    pub(super) fn set_deadline(&mut self, id: ConnId, at: Instant) {
         let Some(c) = self.conns.get_mut(id.0) else {
             return;
         };

@@ -6,33 +6,35 @@
 //! timers → write Redis commands → flush every connection with queued output once
 //! (WRITABLE interest only for leftovers) → poll again.
 //!
-//! This file owns the loop, accepting and the poll timeout; `read` turns bytes into
-//! requests and publishes, `fanout` queues and writes, `lifecycle` closes
-//! connections, runs timers and the staged shutdown. HTTP routing is in `routes`.
+//! One file per stage, each an `impl Server` block with explicit imports: this file owns
+//! the state and the loop (poll, dispatch, the iteration's order, the poll timeout);
+//! `read` accepts and turns bytes into requests, frames and publishes; `routes` answers
+//! HTTP requests and upgrades; `fanout` queues frames and writes; `lifecycle` closes
+//! connections, runs timers, keepalive and the staged shutdown.
 
 mod fanout;
 mod lifecycle;
 mod read;
+pub mod routes;
 
 use crate::backplane::BusEvent;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::conn::{Conn, Phase, Reason};
+use crate::conn::Conn;
 use crate::hub::{ConnId, Hub};
-use crate::metrics::{Metrics, Rejection};
-use crate::outq::{Flushed, OutQueue};
+use crate::metrics::Metrics;
 use crate::static_files::Files;
 use crate::token::{self, LISTENER, SIGNALS};
-use crate::ws::{self, Kind};
+use crate::ws;
 use bytes::Bytes;
-use log::{debug, info, warn};
-use mio::net::{TcpListener, TcpStream};
+use log::info;
+use mio::net::TcpListener;
 use mio::{Events, Interest as Ready, Poll, Token};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Shared read buffer: every socket is read into this, so idle connections own none.
@@ -59,16 +61,16 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 const MAX_EARLY_INPUT: usize = 64 * 1024;
 
 pub struct Server {
-    pub(crate) cfg: Config,
+    cfg: Config,
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
     signals: Option<signal_hook_mio::v1_0::Signals>,
-    pub(crate) conns: Slab<Conn>,
-    pub(crate) hub: Hub,
-    pub(crate) bus: Bus,
-    pub(crate) metrics: Metrics,
-    pub(crate) files: Files,
+    conns: Slab<Conn>,
+    hub: Hub,
+    bus: Bus,
+    metrics: Metrics,
+    files: Files,
     scratch: Vec<u8>,
     /// Connections with output queued this iteration (flushed once, before polling).
     flush_list: Vec<ConnId>,
@@ -254,57 +256,5 @@ impl Server {
         }
         // Round up so we do not wake a hair early and spin.
         Some(next.saturating_duration_since(now) + Duration::from_millis(1))
-    }
-
-    // ---- accepting ----------------------------------------------------------------
-
-    fn accept(&mut self, now: Instant) {
-        loop {
-            let Some(listener) = &self.listener else {
-                return;
-            };
-            match listener.accept() {
-                Ok((stream, peer)) => self.on_accept(stream, peer, now),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: the backlog keeps the rest; try again shortly
-                    // (edge-triggered: no new event would come for them).
-                    warn!("accept failed: {e}; retrying in 100 ms");
-                    self.accept_retry = Some(now + Duration::from_millis(100));
-                    return;
-                }
-            }
-        }
-    }
-
-    fn on_accept(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
-        if self.conns.len() >= self.cfg.max_connections + REJECT_RESERVE {
-            self.metrics.reject(Rejection::TooManyConnections);
-            return; // dropped: the reserve for polite refusals is full too
-        }
-        let _ = stream.set_nodelay(true);
-        let entry = self.conns.vacant_entry();
-        let id = ConnId(entry.key());
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, Token(id.0), Ready::READABLE)
-        {
-            warn!("conn={} peer={peer} register failed: {e}", id.0);
-            return;
-        }
-        self.next_serial += 1;
-        entry.insert(Conn::new(stream, peer, self.next_serial, now));
-        self.metrics.connections_total += 1;
-        if self.conns.len() > self.cfg.max_connections || self.shutdown_deadline.is_some() {
-            debug!("conn={} peer={peer} refused: too many connections", id.0);
-            self.metrics.reject(Rejection::TooManyConnections);
-            let resp = crate::http::Response::text(503, "too many connections");
-            self.begin_close(id, Reason::Rejected, Some(resp.encode(false, false)), now);
-            return;
-        }
-        debug!("conn={} peer={peer} accepted", id.0);
-        self.set_deadline(id, now + self.cfg.handshake_timeout);
     }
 }

@@ -1,6 +1,17 @@
-//! Reading: bytes from a socket into requests, frames and publishes.
+//! Accepting and reading: connections in, bytes into requests, frames and publishes.
 
-use super::*;
+use super::{Server, MAX_EARLY_INPUT, READ_BUDGET, REJECT_RESERVE};
+use crate::conn::{Conn, Phase, Reason};
+use crate::hub::ConnId;
+use crate::metrics::Rejection;
+use crate::ws::{self, Kind};
+use bytes::Bytes;
+use log::{debug, warn};
+use mio::net::TcpStream;
+use mio::{Interest as Ready, Token};
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 impl Server {
     pub(super) fn on_conn_event(&mut self, id: ConnId, ev: &mio::event::Event, now: Instant) {
@@ -177,5 +188,57 @@ impl Server {
         if let Some(channel) = self.hub.channels_of(id).next() {
             self.bus.publish(channel, kind, payload);
         }
+    }
+
+    // ---- accepting ----------------------------------------------------------------
+
+    pub(super) fn accept(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.on_accept(stream, peer, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: the backlog keeps the rest; try again shortly
+                    // (edge-triggered: no new event would come for them).
+                    warn!("accept failed: {e}; retrying in 100 ms");
+                    self.accept_retry = Some(now + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_accept(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if self.conns.len() >= self.cfg.max_connections + REJECT_RESERVE {
+            self.metrics.reject(Rejection::TooManyConnections);
+            return; // dropped: the reserve for polite refusals is full too
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let id = ConnId(entry.key());
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(id.0), Ready::READABLE)
+        {
+            warn!("conn={} peer={peer} register failed: {e}", id.0);
+            return;
+        }
+        self.next_serial += 1;
+        entry.insert(Conn::new(stream, peer, self.next_serial, now));
+        self.metrics.connections_total += 1;
+        if self.conns.len() > self.cfg.max_connections || self.shutdown_deadline.is_some() {
+            debug!("conn={} peer={peer} refused: too many connections", id.0);
+            self.metrics.reject(Rejection::TooManyConnections);
+            let resp = crate::http::Response::text(503, "too many connections");
+            self.begin_close(id, Reason::Rejected, Some(resp.encode(false, false)), now);
+            return;
+        }
+        debug!("conn={} peer={peer} accepted", id.0);
+        self.set_deadline(id, now + self.cfg.handshake_timeout);
     }
 }

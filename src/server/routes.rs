@@ -1,11 +1,11 @@
 //! What each HTTP request gets: upgrades, static files, health, metrics, publish API.
 //! Every refusal is answered with a status and costs nothing but that connection.
 
+use super::Server;
 use crate::conn::{Held, Phase, Reason};
 use crate::http::{self, Head, Response};
 use crate::hub::{valid_channel_name, ConnId};
 use crate::metrics::Rejection;
-use crate::server::Server;
 use crate::ws::Kind;
 use bytes::Bytes;
 use log::debug;
@@ -37,7 +37,7 @@ pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[Strin
 
 impl Server {
     /// Parses and answers every complete request in the connection's input.
-    pub(crate) fn process_http(&mut self, id: ConnId, now: Instant) {
+    pub(super) fn process_http(&mut self, id: ConnId, now: Instant) {
         loop {
             let Some(c) = self.conns.get_mut(id.0) else {
                 return;
