@@ -16,7 +16,7 @@ pub struct Config {
     /// Address of the HTTP/WebSocket listener. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
     /// Channel joined by an upgrade on `/` or `/ws`. Default `chat_messages`
-    /// (the name the seed article's Node servers use, so both can share a Redis).
+    /// (the channel the Node `ws` + `ioredis` chat servers use, so both can share a Redis).
     pub default_channel: String,
     /// Serve static files from this folder instead of the copy compiled into the binary.
     pub static_dir: Option<PathBuf>,

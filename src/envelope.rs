@@ -1,8 +1,8 @@
 //! How a WebSocket message is carried in a Redis Pub/Sub payload.
 //!
 //! Plain text stays plain, so `redis-cli PUBLISH chat hello` reaches browsers as text and
-//! `redis-cli SUBSCRIBE chat` shows what wsfan users type — interop with the seed
-//! article's Node servers during a migration. Only where plain bytes would be ambiguous
+//! `redis-cli SUBSCRIBE chat` shows what wsfan users type — interop with Node `ws` +
+//! `ioredis` chat servers during a migration. Only where plain bytes would be ambiguous
 //! is a two-byte envelope added:
 //!
 //! | Redis payload                    | delivered as                        |
@@ -15,7 +15,7 @@
 //!
 //! wsfan publishes text verbatim unless it starts with `0x00` (then `0x00 't'`), and
 //! binary always as `0x00 'b'` — so text whose bytes look like an envelope stays text.
-//! The NUL marker cannot start any text the seed article's clients type, and later
+//! The NUL marker cannot start any text a chat client types, and later
 //! envelope kinds (offsets, history) can take other letters.
 
 use crate::ws::Kind;

@@ -1,28 +1,37 @@
 //! wsfan: a single-threaded WebSocket fan-out server that scales out through Redis
 //! Pub/Sub.
 //!
-//! Module map (one concern each):
+//! Module map (one concern each). Leaves first: nothing below a line imports anything
+//! above it in the same group, and `tests/structure.rs` checks the graph has no circle.
 //!
-//! | module          | owns                                                         |
-//! |-----------------|--------------------------------------------------------------|
-//! | [`config`]      | every flag/env setting, its default and validation           |
-//! | [`server`]      | the mio poll loop: accept, read, fan-out, flush, timers      |
-//! | [`conn`]        | one connection's state and phases                            |
-//! | [`hub`]         | sans-IO channel registry (channel ⇄ connections)              |
-//! | [`bus`]         | the backplane seam: in-memory (standalone) or Redis          |
-//! | [`redis_link`]  | Redis Pub/Sub links in the same poller; RESP framing with a  |
-//! |                 | size cap (`resp`); host-name lookup in a child process        |
-//! | [`envelope`]    | how a message's kind travels inside a Redis payload          |
-//! | [`ws`]          | sans-IO WebSocket frame decoding and server frame encoding   |
-//! | [`http`]        | sans-IO HTTP request heads and responses                      |
-//! | [`outq`]        | per-connection output queue of shared frames (writev)       |
-//! | [`static_files`]| the web client, compiled in or from `--static-dir`           |
-//! | [`metrics`]     | counters and the Prometheus text page                        |
-//! | [`jwt`]         | HS256 token checks for upgrades                              |
-//! | [`limits`]      | raising the open-files limit                                 |
-//! | [`logging`]     | log lines to stderr that never block or crash the loop      |
-//! | [`listen`]      | the listening socket (`SO_REUSEPORT`)                        |
-//! | [`notify`]      | systemd `READY=1` / `STOPPING=1`                             |
+//! | module           | owns                                                            |
+//! |------------------|-----------------------------------------------------------------|
+//! | [`server`]       | the mio poll loop, one file per stage: `read` (accept, read),   |
+//! |                  | `routes` (HTTP, upgrades), `fanout` (queue, write), `lifecycle` |
+//! | [`bus`]          | picks the backplane from the config; `LocalBus`, the short one  |
+//! | [`redis_link`]   | the Redis backplane: sans-IO cores (`health`, `subs`, `outbox`) |
+//! |                  | and the I/O shell; RESP framing with a size cap (`resp`)        |
+//! | [`backplane`]    | the seam: the `Backplane` trait, `BusEvent`, `BusStats` (leaf)  |
+//! | [`config`]       | every flag declared once (`FLAGS`): default, help, parser       |
+//! | [`redis_target`] | the parsed `--redis` URL (leaf)                                 |
+//! | [`token`]        | reserved poll tokens, the backplane's range among them (leaf)   |
+//! | [`conn`]         | one connection's state and phases                               |
+//! | [`hub`]          | sans-IO channel registry (channel ⇄ connections)                 |
+//! | [`envelope`]     | how a message's kind travels inside a Redis payload             |
+//! | [`ws`]           | sans-IO WebSocket frame decoding and server frame encoding      |
+//! | [`http`]         | sans-IO HTTP request heads and responses                         |
+//! | [`outq`]         | per-connection output queue of shared frames (writev)          |
+//! | [`static_files`] | the web client, compiled in or from `--static-dir`              |
+//! | [`metrics`]      | counters and the Prometheus text page                           |
+//! | [`jwt`]          | HS256 token checks for upgrades                                 |
+//! | [`logging`]      | log lines to stderr that never block or crash the loop         |
+//! | [`limits`]       | raising the open-files limit                                    |
+//! | [`listen`]       | the listening socket (`SO_REUSEPORT`)                           |
+//! | [`notify`]       | systemd `READY=1` / `STOPPING=1`                                |
+//!
+//! A new backplane implements [`backplane::Backplane`] (read it and `bus::LocalBus`),
+//! takes tokens from `token`'s backplane range, and is picked in `bus::from_config`;
+//! the loop does not change.
 
 pub mod backplane;
 pub mod bus;

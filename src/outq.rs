@@ -22,12 +22,13 @@ pub struct OutQueue {
     front: Option<Bytes>,
     /// The frames after `front`; allocated only while more than one frame waits.
     rest: VecDeque<Bytes>,
-    /// Bytes of the front frame already written.
-    head_written: usize,
+    /// Bytes of the front frame already written (a frame is far below 4 GiB: u32,
+    /// so this and `frames` share one word of the per-connection struct).
+    head_written: u32,
     /// Unwritten bytes in the queue.
     queued: usize,
     /// Frames in the queue (`front` included).
-    frames: usize,
+    frames: u32,
 }
 
 /// What a flush achieved.
@@ -67,7 +68,7 @@ impl OutQueue {
     /// What the queue holds against `--max-outbound-bytes`: unwritten bytes plus
     /// `FRAME_OVERHEAD` per frame.
     pub fn cost(&self) -> usize {
-        self.queued + self.frames * FRAME_OVERHEAD
+        self.queued + self.frames as usize * FRAME_OVERHEAD
     }
 
     /// What queuing `frame_len` more bytes would make the cost.
@@ -88,7 +89,7 @@ impl OutQueue {
             if written_total >= max_bytes {
                 return Ok(Flushed::Capped);
             }
-            let head = &front[self.head_written..];
+            let head = &front[self.head_written as usize..];
             let result = if self.rest.is_empty() {
                 // The common broadcast case: one frame, plain write(2).
                 w.write(head)
@@ -124,14 +125,14 @@ impl OutQueue {
             let Some(front) = &self.front else {
                 return;
             };
-            let left = front.len() - self.head_written;
+            let left = front.len() - self.head_written as usize;
             if k >= left {
                 k -= left;
                 self.frames -= 1;
                 self.front = self.rest.pop_front();
                 self.head_written = 0;
             } else {
-                self.head_written += k;
+                self.head_written += k as u32;
                 k = 0;
             }
         }

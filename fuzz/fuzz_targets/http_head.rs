@@ -8,6 +8,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = h.keep_alive();
         let _ = h.content_length();
         let _ = h.upgrade_response();
-        let _ = wsfan::routes::upgrade_channel(&h.path, "d");
+        let _ = wsfan::server::routes::upgrade_channel(&h.path, "d");
     }
 });
