@@ -131,9 +131,28 @@ fn read_into(
     }
 }
 
+impl Record {
+    pub fn new(role: Role, instance: usize, generation: u64, channel: usize) -> Record {
+        Record {
+            role,
+            instance,
+            generation,
+            channel,
+            joined: Instant::now(),
+            leaving: None,
+            cut: false,
+            got: Vec::new(),
+        }
+    }
+}
+
 /// Stopped by a flag: the last second is not held against it (messages in flight).
-fn stopped_now(rec: &mut Record) {
-    rec.leaving = Some(Instant::now() - Duration::from_secs(1));
+/// Otherwise the connection went under it (its instance restarted).
+fn finish(rec: &mut Record, ended: Ended) {
+    match ended {
+        Ended::Stopped => rec.leaving = Some(Instant::now() - Duration::from_secs(1)),
+        _ => rec.cut = true,
+    }
 }
 
 pub fn witness(w: Arc<World>, instance: usize, channel: usize) {
@@ -143,20 +162,9 @@ pub fn witness(w: Arc<World>, instance: usize, channel: usize) {
             std::thread::sleep(Duration::from_millis(50)); // instance restarting: retry
             continue;
         };
-        let mut rec = Record {
-            role: Role::Witness,
-            instance,
-            generation,
-            channel,
-            joined: Instant::now(),
-            leaving: None,
-            cut: false,
-            got: Vec::new(),
-        };
-        match read_into(&mut c, &mut rec, true, || w.stop.load(Ordering::SeqCst)) {
-            Ended::Stopped => stopped_now(&mut rec),
-            _ => rec.cut = true,
-        }
+        let mut rec = Record::new(Role::Witness, instance, generation, channel);
+        let ended = read_into(&mut c, &mut rec, true, || w.stop.load(Ordering::SeqCst));
+        finish(&mut rec, ended);
         w.records.lock().unwrap().push(rec);
     }
 }
@@ -185,20 +193,9 @@ pub fn publisher(w: Arc<World>, id: u32, instance: usize, channel: usize, per_se
         let d = done.clone();
         let ww = w.clone();
         let reading = std::thread::spawn(move || {
-            let mut rec = Record {
-                role: Role::Publisher,
-                instance,
-                generation,
-                channel,
-                joined: Instant::now(),
-                leaving: None,
-                cut: false,
-                got: Vec::new(),
-            };
-            match read_into(&mut reader, &mut rec, false, || d.load(Ordering::SeqCst)) {
-                Ended::Stopped => stopped_now(&mut rec),
-                _ => rec.cut = true,
-            }
+            let mut rec = Record::new(Role::Publisher, instance, generation, channel);
+            let ended = read_into(&mut reader, &mut rec, false, || d.load(Ordering::SeqCst));
+            finish(&mut rec, ended);
             ww.records.lock().unwrap().push(rec);
         });
         let mut next = Instant::now();
@@ -250,16 +247,7 @@ pub fn churner(w: Arc<World>, seed: u64) {
             continue;
         };
         let with_close = rand(2) == 0;
-        let mut rec = Record {
-            role: Role::Churn { with_close },
-            instance,
-            generation,
-            channel,
-            joined: Instant::now(),
-            leaving: None,
-            cut: false,
-            got: Vec::new(),
-        };
+        let mut rec = Record::new(Role::Churn { with_close }, instance, generation, channel);
         let stay = Instant::now() + Duration::from_millis(200 + rand(1800));
         if read_into(&mut c, &mut rec, true, || Instant::now() >= stay) != Ended::Stopped {
             rec.cut = true;

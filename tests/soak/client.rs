@@ -6,18 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x80 | opcode];
-    let mask = [7u8, 1, 9, 3];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crate::common::masked_frame(true, opcode, payload, [7, 1, 9, 3])
 }
 
 pub struct Client {
