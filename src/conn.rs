@@ -108,6 +108,9 @@ pub struct Conn {
     pub in_flush_list: bool,
     /// Already in the loop's re-read list (read budget spent, input left).
     pub in_reread_list: bool,
+    /// Found over its output cap during this iteration's fan-out: closed right after
+    /// it, and nothing more is queued to it until then.
+    pub slow: bool,
     /// The write side was shut down (Closing, after the last byte went out).
     pub write_shut: bool,
     /// Handshake / keep-alive / linger deadline, depending on the phase.
@@ -138,6 +141,7 @@ impl Conn {
             want_write: false,
             in_flush_list: false,
             in_reread_list: false,
+            slow: false,
             write_shut: false,
             deadline: None,
             timer_armed: false,

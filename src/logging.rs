@@ -152,6 +152,9 @@ impl Sink {
                 self.pending.drain(..n as usize);
                 continue;
             }
+            if n == 0 {
+                return; // took nothing, said nothing: try again later
+            }
             let err = std::io::Error::last_os_error();
             match err.kind() {
                 std::io::ErrorKind::Interrupted => continue,

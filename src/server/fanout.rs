@@ -20,19 +20,30 @@ enum Room {
     Full,
     /// The socket failed while writing; the connection is closed at its flush.
     Broken,
+    /// Already found full in this iteration (listed once in `Server::slow`).
+    Marked,
 }
 
 /// Makes room for `len` more bytes under `max`: when the queue would go over, first
 /// writes what the kernel takes now, so a client is slow only for bytes it really left
 /// unread, not for a burst that arrived within one loop iteration.
+///
+/// A connection found full is marked once (`Conn::slow`): later frames of the same
+/// burst neither try another write nor list it again.
 fn make_room(c: &mut Conn, len: usize, max: usize, stats: &mut WriteStats) -> Room {
+    if c.slow {
+        return Room::Marked;
+    }
     let need = OutQueue::cost_with(len);
     if c.out.cost() + need <= max {
         return Room::Fits;
     }
     match c.out.flush_to(&mut c.stream, usize::MAX, stats) {
         Ok(_) if c.out.cost() + need <= max => Room::Fits,
-        Ok(_) => Room::Full,
+        Ok(_) => {
+            c.slow = true;
+            Room::Full
+        }
         Err(_) => Room::Broken,
     }
 }
@@ -75,7 +86,8 @@ impl Server {
                     self.metrics.messages_delivered += 1;
                 }
                 Room::Full => self.slow.push(m),
-                Room::Broken => {} // flush_one reports the error and closes it
+                // Broken: flush_one reports the error and closes it.
+                Room::Broken | Room::Marked => {}
             }
             if !c.in_flush_list {
                 c.in_flush_list = true;
@@ -169,7 +181,7 @@ impl Server {
             ) {
                 Room::Fits => c.out.push(bytes),
                 Room::Full => self.slow.push(id),
-                Room::Broken => {}
+                Room::Broken | Room::Marked => {}
             }
         } else {
             c.out.push(bytes);
@@ -249,5 +261,44 @@ impl Server {
             warn!("conn={} reregister failed: {e}", id.0);
             self.drop_conn(id, Reason::IoError);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose peer never reads: it fits until kernel and queue are full,
+    /// then is found full once, and later frames of the burst cost no write attempt.
+    #[test]
+    fn a_full_connection_is_marked_once_and_not_written_again_in_the_burst() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().expect("accept");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let stream = mio::net::TcpStream::from_std(ours);
+        let mut c = Conn::new(stream, addr, 1, Instant::now());
+        let mut stats = WriteStats::default();
+        let frame = Bytes::from(vec![0u8; 16 * 1024]);
+        let max = 64 * 1024;
+        let mut pushed = 0;
+        loop {
+            match make_room(&mut c, frame.len(), max, &mut stats) {
+                Room::Fits => c.out.push(frame.clone()),
+                Room::Full => break,
+                Room::Broken | Room::Marked => panic!("broken or marked before full"),
+            }
+            pushed += 1;
+            assert!(pushed < 100_000, "the kernel took everything?");
+        }
+        assert!(c.slow && c.out.cost() <= max);
+        let writes = stats.writes;
+        for _ in 0..1000 {
+            assert!(matches!(
+                make_room(&mut c, frame.len(), max, &mut stats),
+                Room::Marked
+            ));
+        }
+        assert_eq!(stats.writes, writes, "nothing written once marked");
     }
 }
