@@ -371,3 +371,64 @@ fn chaos_soak() {
         panic!("{} violations", violations.len());
     }
 }
+
+/// The checks themselves can fail: a loss, a duplicate, a reordering, a client missing
+/// what its witness got, and another order than the witness's are each reported; a loss
+/// inside a fault window is only counted.
+#[test]
+fn the_soak_checks_report_what_they_should() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut sent = HashMap::new();
+    for seq in 0..6u64 {
+        sent.insert(
+            (1u32, seq),
+            Sent {
+                at: at(1000 + seq * 100),
+                instance: 0,
+                channel: 0,
+            },
+        );
+    }
+    let record = |role, got: &[u64]| {
+        let mut r = Record::new(role, 0, 0, 0);
+        r.joined = at(0);
+        r.leaving = Some(at(5000));
+        r.got = got
+            .iter()
+            .map(|&s| ((1u32, s), at(1050 + s * 100)))
+            .collect();
+        r
+    };
+    let window = Window {
+        fault: Fault::PauseLong,
+        start: at(1500),
+        end: at(1550),
+        scope: None,
+    };
+    let run = |records: Vec<Record>, windows: &[Window]| {
+        let mut v = Vec::new();
+        let c = check::deliveries(&records, &sent, windows, at(4000), t0, &mut v);
+        (v, c.exempt_missing)
+    };
+    // All good.
+    let (v, _) = run(vec![record(Role::Witness, &[0, 1, 2, 3, 4, 5])], &[]);
+    assert!(v.is_empty(), "{v:?}");
+    // A loss outside any window.
+    let (v, _) = run(vec![record(Role::Witness, &[0, 1, 3, 4, 5])], &[]);
+    assert!(v.iter().any(|s| s.contains("never got P1:2")), "{v:?}");
+    // The same loss inside a fault window: counted, not a violation.
+    let (v, missed) = run(vec![record(Role::Witness, &[0, 1, 2, 3, 4])], &[window]);
+    assert!(v.is_empty(), "{v:?}");
+    assert_eq!(missed, [1]);
+    // A duplicate and a reordering.
+    let (v, _) = run(vec![record(Role::Witness, &[0, 1, 1, 2, 3, 4, 5])], &[]);
+    assert!(v.iter().any(|s| s.contains("P1:1 after P1:1")), "{v:?}");
+    let (v, _) = run(vec![record(Role::Witness, &[0, 2, 1, 3, 4, 5])], &[]);
+    assert!(v.iter().any(|s| s.contains("P1:1 after P1:2")), "{v:?}");
+    // A churning client that closed cleanly but missed what its witness got.
+    let w = record(Role::Witness, &[0, 1, 2, 3, 4, 5]);
+    let c = record(Role::Churn { with_close: true }, &[0, 1, 3, 4, 5]);
+    let (v, _) = run(vec![w, c], &[]);
+    assert!(v.iter().any(|s| s.contains("missed P1:2")), "{v:?}");
+}
