@@ -343,14 +343,14 @@ fn client_ids(r: &mut redis::Connection) -> Vec<u64> {
 #[test]
 fn a_healthy_redis_link_is_never_declared_dead() {
     let redis = Redis::start();
-    // 10 ping periods take one second.
+    // 10 ping periods take one second; a PING unanswered for 1 s would be "dead".
     let a = Wsfan::start(&[
         "--redis",
         &redis.url(),
         "--redis-ping-interval",
         "0.1",
         "--redis-timeout",
-        "0.3",
+        "1",
     ]);
     eventually(10.0, "ready", || a.status("/readyz") == 200);
     let mut r = redis.conn();
@@ -362,10 +362,10 @@ fn a_healthy_redis_link_is_never_declared_dead() {
         eventually(secs + 5.0, "time passes", || Instant::now() >= end);
     };
     // No channels: PING on a connection subscribed to nothing answers +PONG.
-    pause(1.2);
+    pause(1.5);
     // One channel held.
     let held = connect(&a.url("/ws/held"));
-    pause(1.2);
+    pause(1.5);
     drop(held);
     // Channels joined and left every ~100 ms (down to zero and back).
     let end = Instant::now() + Duration::from_millis(1500);
