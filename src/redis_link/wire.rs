@@ -1,0 +1,247 @@
+//! The Redis backplane's wire side: reading values and handing them to the cores, and
+//! each link's life (connect, handshake, up, fail) as the cores direct it.
+
+use super::health::{self, Due};
+use super::outbox::{self, Reply};
+use super::resp::Next;
+use super::subs::{self, SubReply};
+use super::transport::{self, Stream};
+use super::{log_due, RedisLink, Side, FAILURE_LOG_EVERY};
+use crate::backplane::BusEvent;
+use crate::envelope;
+use bytes::Bytes;
+use log::{debug, error, info, warn};
+use mio::{Interest as Ready, Registry};
+use redis::Value;
+use std::io::Read;
+use std::time::Instant;
+
+impl RedisLink {
+    // ---- reading --------------------------------------------------------------------
+
+    /// Handles every complete value available, until the socket would block or this
+    /// iteration's read budget is spent (then `resume_reads` goes on next iteration).
+    pub(super) fn read(&mut self, side: Side, now: Instant) -> Result<(), String> {
+        let mut budget = self.read_budget;
+        loop {
+            let link = &mut self.conn(side).io;
+            let Some(stream) = link.stream.as_mut() else {
+                return Ok(());
+            };
+            match link.rbuf.frame() {
+                Ok(Next::Ready) => loop {
+                    let link = &mut self.conn(side).io;
+                    let Some(v) = link.rbuf.parse_one(&mut link.parser) else {
+                        break;
+                    };
+                    let v = v.map_err(|e| format!("parse: {e}"))?;
+                    self.on_value(side, v, now)?;
+                },
+                Ok(Next::Dropped) => self.count_oversize(),
+                Ok(Next::NeedMore) if budget == 0 => {
+                    // More may be waiting in the socket; edge-triggered polling won't
+                    // say so again, so the loop comes back here without waiting.
+                    link.more_to_read = true;
+                    return Ok(());
+                }
+                // At most the budget's rest per read (`take`'s Ok(0) can only be EOF here).
+                Ok(Next::NeedMore) => {
+                    match link.rbuf.fill(&mut Read::take(stream, budget as u64)) {
+                        Ok(0) => return Err("closed by redis".to_string()),
+                        Ok(n) => budget = budget.saturating_sub(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("read: {e}")),
+                    }
+                }
+                Err(why) => return Err(format!("protocol: {why}")),
+            }
+        }
+    }
+
+    pub(super) fn on_value(&mut self, side: Side, v: Value, now: Instant) -> Result<(), String> {
+        let c = self.conn(side);
+        if c.health.phase == health::Phase::Handshaking {
+            if c.health.on_handshake_reply(&v, now)? {
+                self.on_up(side);
+            }
+            return Ok(());
+        }
+        match side {
+            Side::Sub => self.on_sub_value(v),
+            Side::Pub => match self.outbox.on_reply(v)? {
+                Reply::Published => Ok(()),
+                Reply::Refused(e) => {
+                    warn!("redis PUBLISH failed: {e}");
+                    Ok(())
+                }
+                Reply::Pong => {
+                    self.publ.health.on_pong();
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    pub(super) fn on_sub_value(&mut self, v: Value) -> Result<(), String> {
+        match subs::classify(v)? {
+            SubReply::Message { channel, payload } => {
+                let Some(name) = self.subs.local_name(&channel) else {
+                    return Ok(()); // not ours (another prefix)
+                };
+                let name = name.to_string();
+                let (kind, payload) = envelope::decode(Bytes::from(payload));
+                if payload.len() > self.max_payload {
+                    self.count_oversize();
+                    return Ok(());
+                }
+                self.events.push(BusEvent::Deliver {
+                    channel: name,
+                    kind,
+                    payload,
+                });
+            }
+            SubReply::Ack(ch) => {
+                if let Some(name) = self.subs.on_ack(&ch) {
+                    debug!("redis: subscribed channel={name}");
+                    self.events.push(BusEvent::Subscribed(name));
+                }
+            }
+            SubReply::Pong => self.sub.health.on_pong(),
+            SubReply::Other(kind) => debug!("redis subscribe link: ignoring push {kind:?}"),
+        }
+        Ok(())
+    }
+
+    /// A message larger than `--max-message-size` (from a publisher other than wsfan)
+    /// is not delivered: clients would have to be cut off for it.
+    pub(super) fn count_oversize(&mut self) {
+        self.oversize += 1;
+        if log_due(&mut self.last_oversize_log) {
+            warn!(
+                "redis: message larger than --max-message-size {} bytes not delivered ({} so far)",
+                self.max_payload, self.oversize
+            );
+        }
+    }
+
+    // ---- the link's life ------------------------------------------------------------
+
+    /// TCP connected: send the login commands and a PING; up when all are answered.
+    pub(super) fn on_connected(&mut self, side: Side, now: Instant) {
+        let mut login = Vec::new();
+        if let Some(pass) = &self.target.password {
+            let mut c = redis::cmd("AUTH");
+            if let Some(u) = &self.target.username {
+                c.arg(u);
+            }
+            login.push(c.arg(pass).clone());
+        }
+        if side == Side::Pub && self.target.db != 0 {
+            login.push(redis::cmd("SELECT").arg(self.target.db).clone());
+        }
+        let c = self.conn(side);
+        c.health.on_connected(login.len(), now);
+        for cmd in &login {
+            c.io.send(cmd);
+        }
+        c.io.send(&redis::cmd("PING"));
+        debug!("redis {} link connected, handshaking", c.io.name);
+    }
+
+    pub(super) fn on_up(&mut self, side: Side) {
+        let target = self.target.display();
+        let c = self.conn(side);
+        info!("redis {} link up ({target})", c.io.name);
+        if c.health.take_reconnect() {
+            self.reconnects += 1;
+        }
+        if side == Side::Sub {
+            for cmd in self.subs.on_up() {
+                self.sub.io.send(&cmd);
+            }
+        }
+    }
+
+    pub(super) fn fail(&mut self, registry: &Registry, side: Side, why: &str, now: Instant) {
+        let jitter = self.jitter();
+        let target = self.target.display();
+        let c = self.conn(side);
+        if !c.health.is_up() {
+            self.connect_failures += 1;
+        }
+        let c = self.conn(side);
+        c.io.close(registry);
+        let (was_up, retry) = c.health.on_failed(now, jitter);
+        if was_up {
+            error!(
+                "redis {} link lost ({why}); reconnecting in {retry:?}",
+                c.io.name
+            );
+        } else if let Some(unlogged) = c.health.log_failure(why, now, FAILURE_LOG_EVERY) {
+            let more = if unlogged > 0 {
+                format!(" ({unlogged} more like it not logged)")
+            } else {
+                String::new()
+            };
+            warn!(
+                "redis {} link to {target} failed ({why}); retrying in {retry:?}{more}",
+                c.io.name
+            );
+        }
+        match side {
+            Side::Sub => self.subs.on_down(),
+            Side::Pub => {
+                for ch in self.outbox.on_down() {
+                    warn!(
+                        "redis: publish to {ch} dropped after {} sends without a reply",
+                        outbox::MAX_PUBLISH_SENDS
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn start_connect(&mut self, registry: &Registry, side: Side, now: Instant) {
+        let result = transport::connect(&self.target).and_then(|mut s| {
+            let ready = match s {
+                Stream::Resolving(_) => Ready::READABLE,
+                _ => Ready::READABLE | Ready::WRITABLE,
+            };
+            registry.register(s.source(), self.conn(side).io.token, ready)?;
+            Ok(s)
+        });
+        match result {
+            Ok(s) => {
+                let c = self.conn(side);
+                c.io.stream = Some(s);
+                c.health.on_connecting(now);
+                debug!("redis {} link connecting", c.io.name);
+            }
+            Err(e) => self.fail(registry, side, &format!("connect: {e}"), now),
+        }
+    }
+
+    pub(super) fn tick_link(&mut self, registry: &Registry, side: Side, now: Instant) {
+        let c = self.conn(side);
+        c.io.reap();
+        match c.health.on_timer(now) {
+            Due::Nothing => {}
+            Due::Connect => self.start_connect(registry, side, now),
+            Due::Fail(why) => {
+                let why = if why == "connect timed out" && c.io.is_resolving() {
+                    "resolving the host name timed out"
+                } else {
+                    why
+                };
+                self.fail(registry, side, why, now)
+            }
+            Due::Ping => {
+                c.io.send(&redis::cmd("PING"));
+                if side == Side::Pub {
+                    self.outbox.ping_sent();
+                }
+            }
+        }
+    }
+}
