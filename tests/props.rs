@@ -2,6 +2,8 @@
 //! parses round-trips. Bounded (cases per property below) so CI stays fast; raise
 //! `PROPTEST_CASES` to run longer.
 
+mod common;
+
 use bytes::Bytes;
 use proptest::prelude::*;
 use wsfan::redis_link::resp;
@@ -20,23 +22,9 @@ fn cases() -> ProptestConfig {
     }
 }
 
-/// A masked client frame.
+/// A masked client frame (the harness's encoder).
 fn frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        n if n < 126 => v.push(0x80 | n as u8),
-        n if n < 65536 => {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    v
+    common::masked_frame(fin, opcode, payload, mask)
 }
 
 proptest! {
