@@ -43,6 +43,31 @@ pub struct BusStats {
     pub publish_abandoned: u64,
     /// Connect attempts that failed before the link came up.
     pub connect_failures: u64,
+    /// History and gap repair (Redis with history on).
+    pub history: HistoryStats,
+    /// Bytes of live messages held while gaps are read.
+    pub held_bytes: usize,
+    /// Standalone: bytes of history kept in memory.
+    pub history_bytes: usize,
+}
+
+/// What history and gap repair count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryStats {
+    /// Channels whose history began again with another epoch.
+    pub resets: u64,
+    /// Messages delivered from history reads that had not arrived live (gaps filled).
+    pub repaired: u64,
+    /// Messages history no longer held when a gap was read: lost, and counted.
+    pub missed: u64,
+    /// Messages dropped because their offset was already delivered.
+    pub duplicates: u64,
+    /// History reads sent.
+    pub reads: u64,
+    /// Live messages not held because the hold limit was reached (read later).
+    pub hold_overflows: u64,
+    /// Messages larger than `--max-message-size` (not delivered).
+    pub oversize: u64,
 }
 
 /// What the loop needs from a backplane. Every method returns at once: no blocking

@@ -15,8 +15,12 @@
 //!
 //! wsfan publishes text verbatim unless it starts with `0x00` (then `0x00 't'`), and
 //! binary always as `0x00 'b'` — so text whose bytes look like an envelope stays text.
-//! The NUL marker cannot start any text a chat client types, and later
-//! envelope kinds (offsets, history) can take other letters.
+//! The NUL marker cannot start any text a chat client types.
+//!
+//! With history on (`--history-size` > 0), the publish script puts the message's place
+//! in its channel's history in front: `0x00 'h' <offset> ':' <epoch> ':'` + the payload
+//! as above. [`split_position`] takes it off again; a payload without it (a foreign
+//! `PUBLISH`, or `--history-size 0`) is delivered with no position.
 
 use crate::ws::Kind;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,6 +28,46 @@ use bytes::{BufMut, Bytes, BytesMut};
 const MARK: u8 = 0x00;
 const TEXT: u8 = b't';
 const BINARY: u8 = b'b';
+const POSITIONED: u8 = b'h';
+
+/// A message's place in its channel's history: the epoch (which history) and the
+/// offset in it (1, 2, 3…).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: Bytes,
+}
+
+/// Splits `0x00 'h' <offset> ':' <epoch> ':' body` into the position and the body.
+/// `None`: no position (plain Pub/Sub payload), or a malformed one.
+pub fn split_position(raw: &Bytes) -> Option<(Position, Bytes)> {
+    let rest = raw.strip_prefix(&[MARK, POSITIONED])?;
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let offset = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+    let after = &rest[colon + 1..];
+    let colon2 = after.iter().position(|&b| b == b':')?;
+    let start = 2 + colon + 1;
+    Some((
+        Position {
+            offset,
+            epoch: raw.slice(start..start + colon2),
+        },
+        raw.slice(start + colon2 + 1..),
+    ))
+}
+
+/// The positioned payload the publish script sends (for tests and tools).
+pub fn positioned(pos: &Position, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(body.len() + pos.epoch.len() + 24);
+    b.put_u8(MARK);
+    b.put_u8(POSITIONED);
+    b.put_slice(pos.offset.to_string().as_bytes());
+    b.put_u8(b':');
+    b.put_slice(&pos.epoch);
+    b.put_u8(b':');
+    b.put_slice(body);
+    b.freeze()
+}
 
 /// Encodes a message for PUBLISH.
 pub fn encode(kind: Kind, payload: &Bytes) -> Bytes {
@@ -78,6 +122,36 @@ mod tests {
                 round(Kind::Text, p);
             }
         }
+    }
+
+    #[test]
+    fn positions_split_off_and_the_rest_decodes_as_before() {
+        let pos = Position {
+            offset: 42,
+            epoch: Bytes::from_static(b"k3x9"),
+        };
+        for (kind, p) in [(Kind::Text, &b"hi:there"[..]), (Kind::Binary, b"\0b\xff")] {
+            let body = encode(kind, &Bytes::copy_from_slice(p));
+            let raw = positioned(&pos, &body);
+            let (got, rest) = split_position(&raw).expect("positioned");
+            assert_eq!(got, pos);
+            assert_eq!(decode(rest), (kind, Bytes::copy_from_slice(p)));
+        }
+        for plain in [
+            &b"hello"[..],
+            b"\0h",
+            b"\0hx:e:1",
+            b"\0h1:e",
+            b"\0t1:e:x",
+            b"",
+        ] {
+            assert!(
+                split_position(&Bytes::copy_from_slice(plain)).is_none(),
+                "{plain:?}"
+            );
+        }
+        let (p, rest) = split_position(&Bytes::from_static(b"\0h7::")).expect("empty epoch/body");
+        assert_eq!((p.offset, &p.epoch[..], &rest[..]), (7, &b""[..], &b""[..]));
     }
 
     #[test]

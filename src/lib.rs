@@ -9,8 +9,10 @@
 //! | [`server`]       | the mio poll loop, one file per stage: `read` (accept, read),   |
 //! |                  | `routes` (HTTP, upgrades), `fanout` (queue, write), `lifecycle` |
 //! | [`bus`]          | picks the backplane from the config; `LocalBus`, the short one  |
-//! | [`redis_link`]   | the Redis backplane: sans-IO cores (`health`, `subs`, `outbox`) |
-//! |                  | and the I/O shell; RESP framing with a size cap (`resp`)        |
+//! | [`redis_link`]   | the Redis backplane: sans-IO cores (`health`, `subs`, `outbox`, |
+//! |                  | `positions` = gap repair), history scripts (`history`), the I/O |
+//! |                  | shell; RESP framing with a size cap (`resp`)                    |
+//! | [`mem_history`]  | standalone per-channel history in memory, bounded (leaf)        |
 //! | [`backplane`]    | the seam: the `Backplane` trait, `BusEvent`, `BusStats` (leaf)  |
 //! | [`config`]       | every flag declared once (`FLAGS`): default, help, parser       |
 //! | [`redis_target`] | the parsed `--redis` URL (leaf)                                 |
@@ -44,6 +46,7 @@ pub mod jwt;
 pub mod limits;
 pub mod listen;
 pub mod logging;
+pub mod mem_history;
 pub mod metrics;
 pub mod notify;
 pub mod outq;

@@ -102,7 +102,7 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
-        let plain: [(&str, &str, &str, u64); 17] = [
+        let plain: [(&str, &str, &str, u64); 25] = [
             (
                 "wsfan_connections",
                 "gauge",
@@ -198,6 +198,54 @@ impl Metrics {
                 "counter",
                 "Publishes dropped after being sent to Redis 3 times without a reply.",
                 bus.publish_abandoned,
+            ),
+            (
+                "wsfan_history_resets_total",
+                "counter",
+                "Channels whose history began again with a new epoch (Redis lost it).",
+                bus.history.resets,
+            ),
+            (
+                "wsfan_history_repaired_total",
+                "counter",
+                "Messages delivered from history to fill a gap.",
+                bus.history.repaired,
+            ),
+            (
+                "wsfan_history_missed_total",
+                "counter",
+                "Messages in a gap that history no longer held (lost).",
+                bus.history.missed,
+            ),
+            (
+                "wsfan_history_duplicates_total",
+                "counter",
+                "Messages dropped because their offset was already delivered.",
+                bus.history.duplicates,
+            ),
+            (
+                "wsfan_history_reads_total",
+                "counter",
+                "History reads sent to fill gaps.",
+                bus.history.reads,
+            ),
+            (
+                "wsfan_history_hold_overflows_total",
+                "counter",
+                "Live messages not held (hold limit) and read from history later.",
+                bus.history.hold_overflows,
+            ),
+            (
+                "wsfan_history_held_bytes",
+                "gauge",
+                "Bytes of live messages held while gaps are read.",
+                bus.held_bytes as u64,
+            ),
+            (
+                "wsfan_history_memory_bytes",
+                "gauge",
+                "Standalone: bytes of history kept in memory.",
+                bus.history_bytes as u64,
             ),
             (
                 "wsfan_log_lines_dropped_total",

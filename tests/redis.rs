@@ -125,7 +125,7 @@ fn a_101_means_subscribed_so_the_first_message_comes_back() {
 #[test]
 fn interop_with_plain_redis_publish_and_subscribe() {
     let redis = Redis::start();
-    let a = instance(&redis, &[]);
+    let a = instance(&redis, &["--history-size", "0"]);
     let mut ws = connect(&a.url("/"));
     eventually(5.0, "subscribed", || redis.numsub("chat_messages") == 1);
     // redis-cli PUBLISH → text to WebSocket clients.

@@ -209,6 +209,48 @@ pub const FLAGS: &[Flag] = &[
         },
     },
     Flag {
+        name: "history-size",
+        hint: "N",
+        default: Dflt::Value("10000"),
+        help: "messages of history kept per channel, for gap repair; 0: plain PUBLISH, no history",
+        set: |c, n, v| {
+            c.history_size = v.parse().map_err(|_| {
+                invalid(n, &format!("expected a whole number (0 turns history off), got {v:?}"))
+            })?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "history-ttl",
+        hint: "SECS",
+        default: Dflt::Value("300"),
+        help: "seconds a quiet channel's history is kept",
+        set: |c, n, v| {
+            c.history_ttl = secs(n, v)?.max(std::time::Duration::from_secs(1));
+            Ok(())
+        },
+    },
+    Flag {
+        name: "history-hold-bytes",
+        hint: "BYTES",
+        default: Dflt::Value("8388608"),
+        help: "live messages held while a gap is read from history (beyond: read later from history)",
+        set: |c, n, v| {
+            c.history_hold_bytes = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
+        name: "history-memory-bytes",
+        hint: "BYTES",
+        default: Dflt::Value("67108864"),
+        help: "standalone: history kept in memory over all channels (beyond: oldest channel's dropped)",
+        set: |c, n, v| {
+            c.history_memory_bytes = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
         name: "redis-ping-interval",
         hint: "SECS",
         default: Dflt::Value("3"),

@@ -56,6 +56,15 @@ pub struct Config {
     pub redis_buffer_messages: usize,
     /// Bytes kept for publishing while Redis is unreachable. Default 16 MiB.
     pub redis_buffer_bytes: usize,
+    /// Messages of history kept per channel (Redis stream `MAXLEN`, or in memory
+    /// standalone); 0 turns history off (plain PUBLISH payloads). Default 10,000.
+    pub history_size: usize,
+    /// A channel's history expires this long after its last publish. Default 300 s.
+    pub history_ttl: Duration,
+    /// Live messages held while gaps are read, over all channels. Default 8 MiB.
+    pub history_hold_bytes: usize,
+    /// Standalone: bytes of history in memory over all channels. Default 64 MiB.
+    pub history_memory_bytes: usize,
     /// How often each Redis link is PINGed. Default 3 s.
     pub redis_ping_interval: Duration,
     /// A PING unanswered this long marks the Redis link dead. Default 5 s, so a silent
@@ -114,6 +123,10 @@ impl Config {
             channel_prefix: String::new(),
             redis_buffer_messages: 0,
             redis_buffer_bytes: 0,
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            history_hold_bytes: 0,
+            history_memory_bytes: 0,
             redis_ping_interval: Duration::ZERO,
             redis_timeout: Duration::ZERO,
             redis_backoff_max: Duration::ZERO,

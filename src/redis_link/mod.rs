@@ -7,10 +7,16 @@
 //! * The **publish link** sends PUBLISH, pipelined: every message of an iteration goes
 //!   out in one write.
 //!
+//! With history on (the default), every publish is a script call that appends it to the
+//! channel's history and publishes it with its position ([`history`]), and every
+//! instance repairs its own gaps by reading history on the publish link
+//! ([`positions`]). So a message is lost only when Redis loses it.
+//!
 //! The decisions are made by sans-IO cores, each unit-tested without sockets:
 //! [`health`] (one link's life: connect, handshake, PING deadline, backoff),
-//! [`subs`] (the subscription set, and what each value on the subscription link is) and
-//! [`outbox`] (publishes waiting, in flight, and what each reply answers). The I/O shell
+//! [`subs`] (the subscription set, and what each value on the subscription link is),
+//! [`outbox`] (publishes and reads waiting, in flight, and what each reply answers) and
+//! [`positions`] (each channel's last delivered position, gaps, holds). The I/O shell
 //! is this file (the `Backplane` face: events, ticks, stats) and `wire` (reading values
 //! into the cores, and each link's connect / handshake / fail as they direct).
 //!
@@ -21,7 +27,9 @@
 //! never on the loop.
 
 pub mod health;
+pub mod history;
 pub mod outbox;
+pub mod positions;
 pub mod resp;
 pub mod subs;
 mod transport;
@@ -36,10 +44,12 @@ use crate::token::{REDIS_PUB, REDIS_SUB};
 use crate::{envelope, ws::Kind};
 use bytes::Bytes;
 use health::{Health, Timing};
+use history::History;
 use log::{debug, warn};
 use mio::event::Event;
 use mio::Registry;
 use outbox::Outbox;
+use positions::Positions;
 use std::time::{Duration, Instant};
 use subs::Subscriptions;
 use transport::{Link, Progress, Stream};
@@ -82,6 +92,22 @@ pub struct Settings {
     /// `--max-message-size`: the largest payload delivered to clients.
     pub max_payload: usize,
     pub timing: Timing,
+    /// `--history-size` (0: plain PUBLISH, no history) and `--history-ttl`.
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// `--history-hold-bytes`: live messages held while gaps are read, all channels.
+    pub hold_bytes: usize,
+}
+
+/// Room for the position in front of a payload (`0x00 'h' <offset>:<epoch>:`).
+const POSITION_ROOM: usize = 64;
+
+/// A random id for this process (dedupe keys): std's hasher keys are random per process.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }
 
 /// One link: its transport and its health.
@@ -99,6 +125,7 @@ pub struct RedisLink {
     publ: Conn,
     subs: Subscriptions,
     outbox: Outbox,
+    positions: Positions,
     events: Vec<BusEvent>,
     rng: u64,
     reconnects: u64,
@@ -108,13 +135,26 @@ pub struct RedisLink {
     last_oversize_log: Option<Instant>,
     /// Drops already logged (the outbox counts them).
     drops_seen: u64,
+    /// History resets logged recently, and those left out of the log since.
+    reset_log: (Option<Instant>, u32),
+    resets_unlogged: u64,
 }
 
 impl RedisLink {
     pub fn new(s: Settings) -> RedisLink {
         let now = Instant::now();
-        // Room for the envelope's two bytes; the payload itself is checked after decoding.
-        let max_bulk = s.max_payload + 2;
+        // Room for the envelope's two bytes and a position; the payload itself is
+        // checked after decoding.
+        let max_bulk = s.max_payload + 2 + POSITION_ROOM;
+        let mut outbox = Outbox::new(s.buffer_messages, s.buffer_bytes);
+        if s.history_size > 0 {
+            outbox = outbox.with_history(History {
+                size: s.history_size,
+                ttl: s.history_ttl.as_secs().max(1),
+                instance: instance_id(),
+                max_entry: s.max_payload + 2,
+            });
+        }
         let conn = |name, token| Conn {
             io: Link::new(name, token, max_bulk),
             health: Health::new(s.timing, now),
@@ -123,7 +163,8 @@ impl RedisLink {
             sub: conn("subscribe", REDIS_SUB),
             publ: conn("publish", REDIS_PUB),
             subs: Subscriptions::new(&s.prefix),
-            outbox: Outbox::new(s.buffer_messages, s.buffer_bytes),
+            outbox,
+            positions: Positions::new(s.hold_bytes, s.max_payload),
             target: s.target,
             max_payload: s.max_payload,
             read_budget: READ_BUDGET,
@@ -135,6 +176,8 @@ impl RedisLink {
             last_drop_log: None,
             last_oversize_log: None,
             drops_seen: 0,
+            reset_log: (None, 0),
+            resets_unlogged: 0,
         }
     }
 
@@ -150,6 +193,52 @@ impl RedisLink {
         match side {
             Side::Sub => &mut self.sub,
             Side::Pub => &mut self.publ,
+        }
+    }
+
+    /// One line per channel whose history began again, at most 10 per 5 s; the rest
+    /// are counted into the next line (and always in `wsfan_history_resets_total`).
+    fn log_resets(&mut self) {
+        for r in std::mem::take(&mut self.positions.resets) {
+            let now = Instant::now();
+            let (since, n) = &mut self.reset_log;
+            if since.is_none_or(|t| now - t > LOG_EVERY) {
+                *since = Some(now);
+                *n = 0;
+            }
+            if *n >= 10 {
+                self.resets_unlogged += 1;
+                continue;
+            }
+            *n += 1;
+            let more = std::mem::take(&mut self.resets_unlogged);
+            let more = if more > 0 {
+                format!(" ({more} more channels not logged)")
+            } else {
+                String::new()
+            };
+            warn!(
+                "redis: history of channel {} began again (epoch {} -> {}): what Redis held of the old one and was not delivered is lost{more}",
+                r.channel,
+                String::from_utf8_lossy(&r.old),
+                String::from_utf8_lossy(&r.new)
+            );
+        }
+    }
+
+    /// Sends wanted history reads while the publish link can take them.
+    fn send_reads(&mut self) {
+        if !self.publ.health.is_up() || !self.outbox.can_send() {
+            return;
+        }
+        while self.publ.io.pending_out() < PUBLISH_CHUNK {
+            let Some(req) = self.positions.next_read() else {
+                break;
+            };
+            let name = self.subs.redis_name(&req.channel);
+            if let Some(cmd) = self.outbox.send_read(&name, req) {
+                self.publ.io.send(&cmd);
+            }
         }
     }
 
@@ -175,7 +264,10 @@ impl Backplane for RedisLink {
         let up = self.sub.health.is_up();
         let cmd = match i {
             Interest::Subscribe(ch) => self.subs.want(&ch, up),
-            Interest::Unsubscribe(ch) => self.subs.unwant(&ch, up),
+            Interest::Unsubscribe(ch) => {
+                self.positions.forget(&ch);
+                self.subs.unwant(&ch, up)
+            }
         };
         if let Some(cmd) = cmd {
             self.sub.io.send(&cmd);
@@ -213,6 +305,9 @@ impl Backplane for RedisLink {
         }
         if !self.subs.all_confirmed() {
             return Err("redis subscribing");
+        }
+        if !self.outbox.can_send() {
+            return Err("redis loading the history scripts");
         }
         if self.sub.health.ping_late(now) {
             return Err("redis not answering PING on the subscription link");
@@ -299,6 +394,7 @@ impl Backplane for RedisLink {
         for side in [Side::Sub, Side::Pub] {
             self.tick_link(registry, side, now);
         }
+        self.send_reads();
         if self.publ.health.is_up() && self.sub.health.is_up() && self.subs.all_confirmed() {
             // Re-subscribed first, so our own clients miss nothing we flush.
             while self.publ.io.pending_out() < PUBLISH_CHUNK {
@@ -341,6 +437,9 @@ impl Backplane for RedisLink {
             published: self.outbox.published,
             publish_abandoned: self.outbox.abandoned,
             connect_failures: self.connect_failures,
+            history: self.positions.stats,
+            held_bytes: self.positions.held_bytes(),
+            history_bytes: 0,
         }
     }
 }
@@ -368,6 +467,9 @@ mod tests {
             buffer_messages: 10,
             buffer_bytes: 1000,
             max_payload: 65536,
+            history_size: 0,
+            history_ttl: Duration::from_secs(60),
+            hold_bytes: 1 << 20,
             timing: Timing {
                 ping_interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(5),

@@ -1,8 +1,16 @@
 //! The publish outbox, sans-IO: publishes waiting for the link (bounded, oldest dropped),
 //! publishes written and waiting for their reply, and what each reply on the publish link
-//! answers. Inputs are publishes, replies and the link going down; outputs are PUBLISH
-//! commands and counters. No sockets, no clock.
+//! answers (publishes, PINGs, script loads, history reads). Inputs are publishes,
+//! replies and the link going up or down; outputs are commands and counters. No
+//! sockets, no clock.
+//!
+//! With history on, a publish is a call of the publish script (`history`), which needs
+//! its SHA: the scripts are loaded (`SCRIPT LOAD`) each time the link comes up, and
+//! nothing is sent before both SHAs are back. A `NOSCRIPT` reply (an operator ran
+//! `SCRIPT FLUSH`) ends the link; the next one loads them again and re-sends.
 
+use super::history::{self, History, Shas};
+use super::positions::{Range, ReadReq};
 use bytes::Bytes;
 use redis::Value;
 use std::collections::VecDeque;
@@ -14,10 +22,13 @@ use std::collections::VecDeque;
 pub const MAX_PUBLISH_SENDS: u8 = 3;
 
 /// What the next reply on the publish link answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Expect {
     Publish,
     Ping,
+    LoadPublish,
+    LoadRead,
+    Read(ReadReq),
 }
 
 /// A publish not yet acknowledged by Redis.
@@ -28,6 +39,8 @@ struct Outgoing {
     body: Bytes,
     /// Times it was written to Redis so far (bounded by `MAX_PUBLISH_SENDS`).
     sends: u8,
+    /// This process's publish number: the script drops a re-send already applied.
+    seq: u64,
 }
 
 /// What a reply on the publish link was.
@@ -37,6 +50,12 @@ pub enum Reply {
     /// Redis refused that publish (`-ERR …`): it is not sent again.
     Refused(String),
     Pong,
+    /// Both scripts are loaded: publishes and reads may go.
+    Loaded,
+    /// Nothing to act on (the first of the two scripts loaded).
+    Nothing,
+    /// A history read's answer (`Err`: Redis refused it; the gap cannot be read).
+    Range(ReadReq, Result<Range, String>),
 }
 
 /// Publishes on their way to Redis.
@@ -55,6 +74,11 @@ pub struct Outbox {
     pub dropped: u64,
     pub abandoned: u64,
     pub published: u64,
+    /// `Some`: publishes go through the history script.
+    history: Option<History>,
+    shas: Shas,
+    /// The last publish number given out.
+    seq: u64,
 }
 
 impl Outbox {
@@ -69,7 +93,48 @@ impl Outbox {
             dropped: 0,
             abandoned: 0,
             published: 0,
+            history: None,
+            shas: Shas::default(),
+            seq: 0,
         }
+    }
+
+    /// Publishes go through the history script.
+    pub fn with_history(mut self, h: History) -> Outbox {
+        self.history = Some(h);
+        self
+    }
+
+    pub fn history_on(&self) -> bool {
+        self.history.is_some()
+    }
+
+    /// The link is up: the commands to send first (loading the scripts).
+    pub fn on_up(&mut self) -> Vec<redis::Cmd> {
+        if self.history.is_none() {
+            return Vec::new();
+        }
+        self.expect.push_back(Expect::LoadPublish);
+        self.expect.push_back(Expect::LoadRead);
+        [history::PUBLISH_SCRIPT, history::READ_SCRIPT]
+            .iter()
+            .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(*s).clone())
+            .collect()
+    }
+
+    /// Whether publishes and reads can be sent (scripts loaded, or history off).
+    pub fn can_send(&self) -> bool {
+        self.history.is_none() || self.shas.loaded()
+    }
+
+    /// A history read of `redis_channel`, if the scripts are loaded.
+    pub fn send_read(&mut self, redis_channel: &str, req: ReadReq) -> Option<redis::Cmd> {
+        let (Some(h), Some(sha)) = (&self.history, &self.shas.read) else {
+            return None;
+        };
+        let cmd = h.read(sha, redis_channel, &req);
+        self.expect.push_back(Expect::Read(req));
+        Some(cmd)
     }
 
     /// Queues a publish; over the limits the oldest waiting ones are dropped (counted).
@@ -90,10 +155,12 @@ impl Outbox {
             return true;
         }
         self.bytes += body.len();
+        self.seq += 1;
         self.waiting.push_back(Outgoing {
             channel: channel.into(),
             body,
             sends: 0,
+            seq: self.seq,
         });
         dropped
     }
@@ -106,14 +173,17 @@ impl Outbox {
     /// The next publish to write (moved in flight), while fewer than the message limit
     /// are in flight.
     pub fn send_next(&mut self) -> Option<redis::Cmd> {
-        if self.inflight.len() >= self.max_msgs {
+        if self.inflight.len() >= self.max_msgs || !self.can_send() {
             return None;
         }
         let mut m = self.waiting.pop_front()?;
-        let cmd = redis::cmd("PUBLISH")
-            .arg(&*m.channel)
-            .arg(&m.body[..])
-            .clone();
+        let cmd = match (&self.history, &self.shas.publish) {
+            (Some(h), Some(sha)) => h.publish(sha, &m.channel, &m.body, m.seq),
+            _ => redis::cmd("PUBLISH")
+                .arg(&*m.channel)
+                .arg(&m.body[..])
+                .clone(),
+        };
         m.sends += 1;
         self.expect.push_back(Expect::Publish);
         self.inflight.push_back(m);
@@ -132,6 +202,9 @@ impl Outbox {
             Some(Expect::Publish) => {
                 let reply = match v {
                     Value::Int(_) => Reply::Published,
+                    Value::ServerError(e) if e.code() == "NOSCRIPT" => {
+                        return Err("the publish script is gone (NOSCRIPT)".to_string())
+                    }
                     Value::ServerError(e) => Reply::Refused(format!("{e:?}")),
                     other => return Err(format!("unexpected PUBLISH reply {other:?}")),
                 };
@@ -146,6 +219,29 @@ impl Outbox {
             Some(Expect::Ping) => match v {
                 Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => Ok(Reply::Pong),
                 other => Err(format!("unexpected PING reply {other:?}")),
+            },
+            Some(which @ (Expect::LoadPublish | Expect::LoadRead)) => {
+                let sha = match v {
+                    Value::BulkString(b) => String::from_utf8(b).map_err(|e| e.to_string())?,
+                    other => return Err(format!("SCRIPT LOAD failed: {other:?}")),
+                };
+                if which == Expect::LoadPublish {
+                    self.shas.publish = Some(sha);
+                } else {
+                    self.shas.read = Some(sha);
+                }
+                Ok(if self.shas.loaded() {
+                    Reply::Loaded
+                } else {
+                    Reply::Nothing
+                })
+            }
+            Some(Expect::Read(req)) => match v {
+                Value::ServerError(e) if e.code() == "NOSCRIPT" => {
+                    Err("the history read script is gone (NOSCRIPT)".to_string())
+                }
+                Value::ServerError(e) => Ok(Reply::Range(req, Err(format!("{e:?}")))),
+                other => Ok(Reply::Range(req, Ok(history::parse_range(other)?))),
             },
             None => Err(format!("unexpected reply {v:?}")),
         }
@@ -166,6 +262,7 @@ impl Outbox {
             }
         }
         self.expect.clear();
+        self.shas = Shas::default();
         abandoned
     }
 

@@ -70,7 +70,22 @@ impl RedisLink {
         match side {
             Side::Sub => self.on_sub_value(v),
             Side::Pub => match self.outbox.on_reply(v)? {
-                Reply::Published => Ok(()),
+                Reply::Published | Reply::Nothing => Ok(()),
+                Reply::Loaded => {
+                    debug!("redis: history scripts loaded");
+                    Ok(())
+                }
+                Reply::Range(req, r) => {
+                    let r = r.unwrap_or_else(|e| {
+                        if log_due(&mut self.last_oversize_log) {
+                            warn!("redis: history read of {} refused: {e}", req.channel);
+                        }
+                        Default::default()
+                    });
+                    self.positions.on_range(&req, r, &mut self.events);
+                    self.log_resets();
+                    Ok(())
+                }
                 Reply::Refused(e) => {
                     warn!("redis PUBLISH failed: {e}");
                     Ok(())
@@ -90,20 +105,32 @@ impl RedisLink {
                     return Ok(()); // not ours (another prefix)
                 };
                 let name = name.to_string();
-                let (kind, payload) = envelope::decode(Bytes::from(payload));
-                if payload.len() > self.max_payload {
+                let raw = Bytes::from(payload);
+                let (pos, body) = match envelope::split_position(&raw) {
+                    Some((pos, body)) => (Some(pos), body),
+                    None => (None, raw),
+                };
+                if body.len() > self.max_payload + 2 {
                     self.count_oversize();
                     return Ok(());
                 }
-                self.events.push(BusEvent::Deliver {
-                    channel: name,
-                    kind,
-                    payload,
-                });
+                // With history off this instance cannot read gaps: positions are
+                // taken off and the message delivered as it comes.
+                let pos = pos.filter(|_| self.outbox.history_on());
+                let before = self.positions.stats.oversize;
+                self.positions
+                    .on_message(&name, pos, body, &mut self.events);
+                if self.positions.stats.oversize > before {
+                    self.count_oversize();
+                }
+                self.log_resets();
             }
             SubReply::Ack(ch) => {
                 if let Some(name) = self.subs.on_ack(&ch) {
                     debug!("redis: subscribed channel={name}");
+                    if self.outbox.history_on() {
+                        self.positions.on_confirmed(&name);
+                    }
                     self.events.push(BusEvent::Subscribed(name));
                 }
             }
@@ -156,10 +183,13 @@ impl RedisLink {
         if c.health.take_reconnect() {
             self.reconnects += 1;
         }
-        if side == Side::Sub {
-            for cmd in self.subs.on_up() {
-                self.sub.io.send(&cmd);
-            }
+        let cmds = match side {
+            Side::Sub => self.subs.on_up(),
+            Side::Pub => self.outbox.on_up(),
+        };
+        let c = self.conn(side);
+        for cmd in &cmds {
+            c.io.send(cmd);
         }
     }
 
@@ -192,6 +222,7 @@ impl RedisLink {
         match side {
             Side::Sub => self.subs.on_down(),
             Side::Pub => {
+                self.positions.on_publish_link_down();
                 for ch in self.outbox.on_down() {
                     warn!(
                         "redis: publish to {ch} dropped after {} sends without a reply",

@@ -55,7 +55,10 @@ pub enum Fault {
     PauseShort,
     PauseLong,
     KillPubsub,
+    /// Killed and restarted; its AOF keeps the data (history survives).
     RedisRestart,
+    /// Killed, its data wiped, restarted: every channel's history begins again.
+    RedisRestartEmpty,
     InstanceRestart,
 }
 
@@ -70,7 +73,13 @@ pub struct Window {
 impl Window {
     pub fn covers(&self, t: Instant, instances: [usize; 2]) -> bool {
         let scoped = self.scope.is_none_or(|i| instances.contains(&i));
-        let breaking = !matches!(self.fault, Fault::PauseShort);
+        // With history, only a Redis that lost its data can lose messages (those it
+        // held and had not delivered); a stopping instance loses what its clients send
+        // after its close. Every other fault must lose nothing.
+        let breaking = matches!(
+            self.fault,
+            Fault::RedisRestartEmpty | Fault::InstanceRestart
+        );
         breaking && scoped && t + PRE_MARGIN >= self.start && t <= self.end
     }
 }

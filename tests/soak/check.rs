@@ -23,7 +23,7 @@ pub fn deliveries(
 ) -> Counts {
     let restarts: Vec<&Window> = windows
         .iter()
-        .filter(|w| matches!(w.fault, Fault::RedisRestart))
+        .filter(|w| matches!(w.fault, Fault::RedisRestartEmpty))
         .collect();
     let mut delivered = 0usize;
     let mut exempt_missing = vec![0usize; windows.len()];

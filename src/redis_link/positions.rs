@@ -1,0 +1,609 @@
+//! Gap repair, sans-IO: for each subscribed channel, the last position this instance
+//! delivered (epoch, offset), the live messages held while a gap is read from history,
+//! and the history reads wanted and in flight. Inputs are positioned messages from the
+//! subscription link, channels (re)confirmed, history ranges read on the publish link
+//! and the publish link going down; outputs are deliveries, in order and once, and the
+//! reads to send. No sockets, no clock.
+//!
+//! The rules:
+//! * A channel's first positioned message starts its position: members joined now,
+//!   nothing older is theirs.
+//! * Offset `last + 1` of the same epoch is delivered at once; one at or below `last` is
+//!   a duplicate (dropped, counted); one further ahead is held and the gap is read from
+//!   history (`last + 1 ..`), then everything is delivered in order.
+//! * A channel confirmed again after the subscription link came back reads its history
+//!   from `last + 1` (live messages meanwhile are held or, if next in line, delivered).
+//! * Another epoch (Redis lost the channel's history and a new one began) is a reset:
+//!   counted, and the new epoch is delivered from its first offset still in history.
+//! * Held messages are bounded (`--history-hold-bytes` over all channels). Beyond it a
+//!   live message is not held but remembered as "behind": it has an offset, so it is in
+//!   history and is read from there once the gap before it is filled. Nothing is lost
+//!   while history holds it.
+//! * What history no longer holds (trimmed by `--history-size`, expired by
+//!   `--history-ttl`, or lost with Redis's data) is skipped and counted as missed.
+
+use crate::backplane::{BusEvent, HistoryStats};
+use crate::envelope::{self, Position};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Bookkeeping bytes counted per held message on top of its payload.
+const HELD_OVERHEAD: usize = 64;
+
+/// A history read the shell should send on the publish link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadReq {
+    pub channel: Box<str>,
+    /// The epoch the instance knows; history of another epoch is read from its start.
+    pub epoch: Bytes,
+    pub from: u64,
+    /// Matches the reply to this request (a channel left and joined again meanwhile
+    /// has a new serial).
+    pub serial: u64,
+}
+
+/// What a history read returned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Range {
+    /// `None`: the channel has no history (never published, expired, or lost).
+    pub epoch: Option<Bytes>,
+    /// The channel's top offset when the read ran.
+    pub top: u64,
+    /// Offsets and envelope-encoded bodies, ascending; maybe cut short by the read's
+    /// byte limit (then `top` is beyond the last).
+    pub entries: Vec<(u64, Bytes)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Idle,
+    /// To be sent when the publish link can take it.
+    Wanted,
+    InFlight(u64),
+}
+
+#[derive(Debug)]
+struct Chan {
+    epoch: Option<Bytes>,
+    /// Last offset delivered (0: none of this epoch yet).
+    last: u64,
+    /// Live messages ahead of `last + 1`, by offset (envelope-encoded bodies).
+    hold: BTreeMap<u64, Bytes>,
+    /// Highest offset seen live but not held (hold limit): read from history.
+    behind: u64,
+    read: Read,
+}
+
+impl Chan {
+    fn new() -> Chan {
+        Chan {
+            epoch: None,
+            last: 0,
+            hold: BTreeMap::new(),
+            behind: 0,
+            read: Read::Idle,
+        }
+    }
+}
+
+/// A reset to log (the shell rate-limits the lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reset {
+    pub channel: String,
+    pub old: Bytes,
+    pub new: Bytes,
+}
+
+/// Every subscribed channel's position.
+#[derive(Debug)]
+pub struct Positions {
+    chans: HashMap<Box<str>, Chan>,
+    /// Reads wanted, in the order they became wanted.
+    to_read: VecDeque<Box<str>>,
+    max_hold_bytes: usize,
+    hold_bytes: usize,
+    max_payload: usize,
+    serial: u64,
+    pub stats: HistoryStats,
+    /// Resets since the shell last took them (for the log).
+    pub resets: Vec<Reset>,
+}
+
+impl Positions {
+    pub fn new(max_hold_bytes: usize, max_payload: usize) -> Positions {
+        Positions {
+            chans: HashMap::new(),
+            to_read: VecDeque::new(),
+            max_hold_bytes,
+            hold_bytes: 0,
+            max_payload,
+            serial: 0,
+            stats: HistoryStats::default(),
+            resets: Vec::new(),
+        }
+    }
+
+    /// Bytes of held messages (all channels).
+    pub fn held_bytes(&self) -> usize {
+        self.hold_bytes
+    }
+
+    /// Channels with a position.
+    pub fn len(&self) -> usize {
+        self.chans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chans.is_empty()
+    }
+
+    /// The channel's last delivered position, if any (for a later client-facing
+    /// "everything after offset N of epoch E").
+    pub fn last(&self, channel: &str) -> Option<(Bytes, u64)> {
+        let c = self.chans.get(channel)?;
+        Some((c.epoch.clone()?, c.last))
+    }
+
+    /// The last local member left: the position is forgotten (a later member starts
+    /// from the channel's newest message).
+    pub fn forget(&mut self, channel: &str) {
+        if let Some(c) = self.chans.remove(channel) {
+            self.hold_bytes -= held_size(&c.hold);
+        }
+    }
+
+    /// A live message from the subscription link.
+    pub fn on_message(
+        &mut self,
+        channel: &str,
+        pos: Option<Position>,
+        body: Bytes,
+        out: &mut Vec<BusEvent>,
+    ) {
+        let Some(pos) = pos else {
+            // No position (a foreign publisher, or history off there): deliver as is.
+            return self.deliver(channel, body, out);
+        };
+        let c = match self.chans.get_mut(channel) {
+            Some(c) => c,
+            None => self.chans.entry(channel.into()).or_insert_with(Chan::new),
+        };
+        match &c.epoch {
+            None => {
+                c.epoch = Some(pos.epoch.clone());
+                c.last = pos.offset.saturating_sub(1);
+            }
+            Some(e) if *e != pos.epoch => {
+                let old = e.clone();
+                self.reset(channel, old, pos.epoch.clone());
+            }
+            Some(_) => {}
+        }
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        if pos.offset <= c.last {
+            self.stats.duplicates += 1;
+            return;
+        }
+        if pos.offset == c.last + 1 && c.hold.is_empty() {
+            c.last = pos.offset;
+            return self.deliver(channel, body, out);
+        }
+        let size = body.len() + HELD_OVERHEAD;
+        let fits = self.hold_bytes + size <= self.max_hold_bytes;
+        match c.hold.entry(pos.offset) {
+            std::collections::btree_map::Entry::Occupied(_) => self.stats.duplicates += 1,
+            std::collections::btree_map::Entry::Vacant(v) if fits => {
+                v.insert(body);
+                self.hold_bytes += size;
+            }
+            std::collections::btree_map::Entry::Vacant(_) => {
+                self.stats.hold_overflows += 1;
+                c.behind = c.behind.max(pos.offset);
+            }
+        }
+        self.release(channel, out);
+        self.want_read_if_gap(channel);
+    }
+
+    /// The channel is (again) confirmed on a new subscription link: what was published
+    /// while it was not is read from history.
+    pub fn on_confirmed(&mut self, channel: &str) {
+        if let Some(c) = self.chans.get_mut(channel) {
+            if c.epoch.is_some() {
+                c.behind = u64::MAX; // unknown how far: read to the top
+                self.want_read(channel);
+            }
+        }
+    }
+
+    /// The publish link went down: reads in flight will get no reply; they are
+    /// wanted again.
+    pub fn on_publish_link_down(&mut self) {
+        let mut again: Vec<Box<str>> = Vec::new();
+        for (name, c) in &mut self.chans {
+            if matches!(c.read, Read::InFlight(_)) {
+                c.read = Read::Wanted;
+                again.push(name.clone());
+            }
+        }
+        again.sort(); // deterministic order (tests)
+        self.to_read.extend(again);
+    }
+
+    /// The next read to send, if any (marked in flight).
+    pub fn next_read(&mut self) -> Option<ReadReq> {
+        while let Some(name) = self.to_read.pop_front() {
+            let Some(c) = self.chans.get_mut(&name) else {
+                continue;
+            };
+            if c.read != Read::Wanted {
+                continue;
+            }
+            let Some(epoch) = c.epoch.clone() else {
+                c.read = Read::Idle;
+                continue;
+            };
+            self.serial += 1;
+            c.read = Read::InFlight(self.serial);
+            self.stats.reads += 1;
+            return Some(ReadReq {
+                channel: name,
+                epoch,
+                from: c.last + 1,
+                serial: self.serial,
+            });
+        }
+        None
+    }
+
+    /// The reply to a read.
+    pub fn on_range(&mut self, req: &ReadReq, r: Range, out: &mut Vec<BusEvent>) {
+        let channel = &*req.channel;
+        let Some(c) = self.chans.get_mut(channel) else {
+            return; // forgotten meanwhile
+        };
+        if c.read != Read::InFlight(req.serial) {
+            return; // a read from before the channel was left and joined again
+        }
+        c.read = Read::Idle;
+        let Some(epoch) = r.epoch else {
+            // No history at all: whatever the gap held is gone.
+            return self.skip_gap(channel, out);
+        };
+        if c.epoch.as_ref() != Some(&epoch) {
+            let old = c.epoch.clone().unwrap_or_default();
+            self.reset(channel, old, epoch);
+        }
+        let mut last_read = 0;
+        for (offset, body) in r.entries {
+            last_read = offset;
+            let Some(c) = self.chans.get_mut(channel) else {
+                return;
+            };
+            if offset <= c.last {
+                continue; // delivered live meanwhile
+            }
+            if offset > c.last + 1 {
+                self.stats.missed += offset - c.last - 1;
+            }
+            c.last = offset;
+            match c.hold.remove(&offset) {
+                Some(held) => self.hold_bytes -= held.len() + HELD_OVERHEAD,
+                None => self.stats.repaired += 1, // it had not arrived live
+            }
+            self.deliver(channel, body, out);
+        }
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        let held_below: Vec<u64> = c.hold.range(..=c.last).map(|(o, _)| *o).collect();
+        for o in held_below {
+            if let Some(b) = c.hold.remove(&o) {
+                self.hold_bytes -= b.len() + HELD_OVERHEAD;
+            }
+        }
+        self.release(channel, out);
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        if last_read < r.top && c.last < r.top {
+            // Cut short by the read's byte limit: read on.
+            return self.want_read(channel);
+        }
+        if c.behind != u64::MAX && c.behind <= c.last {
+            c.behind = 0;
+        }
+        if c.behind == u64::MAX {
+            c.behind = 0; // read to the top: caught up
+        }
+        match c.hold.keys().next().copied() {
+            // History ended below the next held one: what lies between is gone.
+            Some(first) if r.top + 1 >= first => self.skip_gap(channel, out),
+            // Published after the read ran, yet missed live: read again.
+            Some(_) => self.want_read(channel),
+            None if c.behind > c.last => self.want_read(channel),
+            None => {}
+        }
+    }
+
+    /// Gives up on the gap before the first held message (history has none of it):
+    /// counts it missed and delivers what is held.
+    fn skip_gap(&mut self, channel: &str, out: &mut Vec<BusEvent>) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        let next = match (c.hold.keys().next().copied(), c.behind) {
+            (Some(first), _) => first,
+            (None, b) if b > c.last && b != u64::MAX => b + 1,
+            _ => {
+                c.behind = 0;
+                return;
+            }
+        };
+        self.stats.missed += next - c.last - 1;
+        c.last = next - 1;
+        if c.behind <= c.last || c.behind == u64::MAX {
+            c.behind = 0;
+        }
+        self.release(channel, out);
+    }
+
+    /// Another epoch: counted, position back to the start of the new one.
+    fn reset(&mut self, channel: &str, old: Bytes, new: Bytes) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        self.hold_bytes -= held_size(&c.hold);
+        c.hold.clear();
+        c.epoch = Some(new.clone());
+        c.last = 0;
+        c.behind = 0;
+        self.stats.resets += 1;
+        self.resets.push(Reset {
+            channel: channel.to_string(),
+            old,
+            new,
+        });
+    }
+
+    /// Delivers held messages that are next in line.
+    fn release(&mut self, channel: &str, out: &mut Vec<BusEvent>) {
+        loop {
+            let Some(c) = self.chans.get_mut(channel) else {
+                return;
+            };
+            let next = c.last + 1;
+            let Some(body) = c.hold.remove(&next) else {
+                return;
+            };
+            self.hold_bytes -= body.len() + HELD_OVERHEAD;
+            c.last = next;
+            self.deliver(channel, body, out);
+        }
+    }
+
+    fn want_read_if_gap(&mut self, channel: &str) {
+        let Some(c) = self.chans.get(channel) else {
+            return;
+        };
+        if !c.hold.is_empty() || c.behind > c.last {
+            self.want_read(channel);
+        }
+    }
+
+    fn want_read(&mut self, channel: &str) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        if c.read == Read::Idle {
+            c.read = Read::Wanted;
+            self.to_read.push_back(channel.into());
+        }
+    }
+
+    fn deliver(&mut self, channel: &str, body: Bytes, out: &mut Vec<BusEvent>) {
+        let (kind, payload) = envelope::decode(body);
+        if payload.len() > self.max_payload {
+            self.stats.oversize += 1;
+            return;
+        }
+        out.push(BusEvent::Deliver {
+            channel: channel.to_string(),
+            kind,
+            payload,
+        });
+    }
+}
+
+fn held_size(hold: &BTreeMap<u64, Bytes>) -> usize {
+    hold.values().map(|b| b.len() + HELD_OVERHEAD).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(epoch: &'static str, offset: u64) -> Option<Position> {
+        Some(Position {
+            offset,
+            epoch: Bytes::from_static(epoch.as_bytes()),
+        })
+    }
+
+    fn body(n: u64) -> Bytes {
+        Bytes::from(format!("m{n}"))
+    }
+
+    fn got(out: &mut Vec<BusEvent>) -> Vec<String> {
+        out.drain(..)
+            .map(|e| match e {
+                BusEvent::Deliver { payload, .. } => {
+                    String::from_utf8(payload.to_vec()).expect("utf8")
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn range(epoch: &'static str, top: u64, offs: std::ops::RangeInclusive<u64>) -> Range {
+        Range {
+            epoch: Some(Bytes::from_static(epoch.as_bytes())),
+            top,
+            entries: offs.map(|o| (o, body(o))).collect(),
+        }
+    }
+
+    #[test]
+    fn in_order_messages_flow_and_duplicates_are_dropped() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        for o in [5, 6, 6, 7, 5] {
+            p.on_message("c", pos("E", o), body(o), &mut out);
+        }
+        assert_eq!(
+            got(&mut out),
+            ["m5", "m6", "m7"],
+            "starts at the first seen"
+        );
+        assert_eq!(p.stats.duplicates, 2);
+        assert!(p.next_read().is_none());
+        p.on_message("c", None, Bytes::from_static(b"plain"), &mut out);
+        assert_eq!(got(&mut out), ["plain"], "no position: delivered as is");
+    }
+
+    #[test]
+    fn a_gap_is_read_and_everything_delivered_in_order() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        p.on_message("c", pos("E", 1), body(1), &mut out);
+        p.on_message("c", pos("E", 4), body(4), &mut out);
+        p.on_message("c", pos("E", 5), body(5), &mut out);
+        assert_eq!(got(&mut out), ["m1"], "4 and 5 held");
+        let req = p.next_read().expect("a read");
+        assert_eq!((req.from, &req.epoch[..]), (2, &b"E"[..]));
+        assert!(p.next_read().is_none(), "one read per channel");
+        p.on_message("c", pos("E", 6), body(6), &mut out);
+        assert!(out.is_empty());
+        p.on_range(&req, range("E", 6, 2..=6), &mut out);
+        assert_eq!(got(&mut out), ["m2", "m3", "m4", "m5", "m6"]);
+        assert_eq!(p.stats.repaired, 2, "2 and 3; 4-6 had arrived live");
+        assert_eq!(p.held_bytes(), 0);
+        p.on_message("c", pos("E", 7), body(7), &mut out);
+        assert_eq!(got(&mut out), ["m7"]);
+    }
+
+    #[test]
+    fn a_reconfirmed_channel_reads_to_the_top_in_parts() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        p.on_message("c", pos("E", 10), body(10), &mut out);
+        got(&mut out);
+        p.on_confirmed("c");
+        let req = p.next_read().expect("catch-up read");
+        assert_eq!(req.from, 11);
+        // The next one arrives live before the reply: delivered at once.
+        p.on_message("c", pos("E", 11), body(11), &mut out);
+        p.on_range(&req, range("E", 20, 11..=14), &mut out);
+        assert_eq!(got(&mut out), ["m11", "m12", "m13", "m14"]);
+        let req = p.next_read().expect("cut short: read on");
+        assert_eq!(req.from, 15);
+        p.on_range(&req, range("E", 20, 15..=20), &mut out);
+        assert_eq!(got(&mut out).len(), 6);
+        assert!(p.next_read().is_none());
+        assert_eq!(p.stats.duplicates, 0, "11 from history is skipped quietly");
+    }
+
+    #[test]
+    fn a_new_epoch_is_a_reset_delivered_from_its_first_offset() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        p.on_message("c", pos("OLD", 50), body(50), &mut out);
+        got(&mut out);
+        // Live: the new epoch's third message; the first two came from another
+        // instance's outage buffer before this one re-subscribed.
+        p.on_message("c", pos("NEW", 3), body(3), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(p.stats.resets, 1);
+        assert_eq!(p.resets[0].new, Bytes::from_static(b"NEW"));
+        let req = p.next_read().expect("read the new epoch");
+        assert_eq!(req.from, 1);
+        p.on_range(&req, range("NEW", 3, 1..=3), &mut out);
+        assert_eq!(got(&mut out), ["m1", "m2", "m3"]);
+        // A catch-up read that finds another epoch resets too.
+        p.on_confirmed("c");
+        let req = p.next_read().expect("read");
+        p.on_range(&req, range("THIRD", 2, 1..=2), &mut out);
+        assert_eq!(got(&mut out), ["m1", "m2"]);
+        assert_eq!(p.stats.resets, 2);
+    }
+
+    #[test]
+    fn what_history_lost_is_skipped_and_counted() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        p.on_message("c", pos("E", 1), body(1), &mut out);
+        p.on_message("c", pos("E", 100), body(100), &mut out);
+        let req = p.next_read().expect("read");
+        // Trimmed: history starts at 90.
+        p.on_range(&req, range("E", 100, 90..=100), &mut out);
+        assert_eq!(got(&mut out).len(), 12);
+        assert_eq!(p.stats.missed, 88);
+        // No history at all: the held message is delivered, the gap counted.
+        p.on_message("c", pos("E", 105), body(105), &mut out);
+        let req = p.next_read().expect("read");
+        p.on_range(&req, Range::default(), &mut out);
+        assert_eq!(got(&mut out), ["m105"]);
+        assert_eq!(p.stats.missed, 92);
+    }
+
+    #[test]
+    fn the_hold_is_bounded_and_overflow_is_read_from_history() {
+        let mut p = Positions::new(3 * (3 + HELD_OVERHEAD), 1 << 16);
+        let mut out = Vec::new();
+        p.on_message("c", pos("E", 1), body(1), &mut out);
+        for o in 3..=9 {
+            p.on_message("c", pos("E", o), body(o), &mut out);
+        }
+        assert!(p.held_bytes() <= 3 * (3 + HELD_OVERHEAD));
+        assert_eq!(p.stats.hold_overflows, 4);
+        let req = p.next_read().expect("read");
+        // History up to 9 (ran after all were published).
+        p.on_range(&req, range("E", 9, 2..=9), &mut out);
+        assert_eq!(got(&mut out).len(), 9);
+        assert_eq!(p.held_bytes(), 0);
+        assert!(p.next_read().is_none());
+        // Overflowed, and the read ran before the rest was published: read again.
+        for o in [11, 12, 13, 14, 15] {
+            p.on_message("c", pos("E", o), body(o), &mut out);
+        }
+        let req = p.next_read().expect("read");
+        p.on_range(&req, range("E", 10, 10..=10), &mut out);
+        assert_eq!(got(&mut out), ["m10", "m11", "m12", "m13"]);
+        let req = p.next_read().expect("14, 15 overflowed: read on");
+        p.on_range(&req, range("E", 15, 14..=15), &mut out);
+        assert_eq!(got(&mut out), ["m14", "m15"]);
+        assert_eq!(p.stats.missed, 0);
+    }
+
+    #[test]
+    fn reads_lost_with_the_link_are_sent_again_and_stale_replies_ignored() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        p.on_message("c", pos("E", 1), body(1), &mut out);
+        p.on_message("c", pos("E", 3), body(3), &mut out);
+        let first = p.next_read().expect("read");
+        p.on_publish_link_down();
+        let again = p.next_read().expect("sent again");
+        assert_ne!(first.serial, again.serial);
+        p.on_range(&first, range("E", 3, 2..=3), &mut out);
+        assert_eq!(got(&mut out), ["m1"], "a stale reply is ignored");
+        p.on_range(&again, range("E", 3, 2..=3), &mut out);
+        assert_eq!(got(&mut out), ["m2", "m3"]);
+        p.forget("c");
+        assert!(p.is_empty() && p.held_bytes() == 0);
+        p.on_range(&again, range("E", 3, 2..=3), &mut out);
+        assert!(out.is_empty());
+    }
+}

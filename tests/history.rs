@@ -1,0 +1,475 @@
+//! Per-channel history and gap repair (issue 11): with history on (the default), every
+//! client of every instance gets every message exactly once, in one order per channel,
+//! across Redis freezes, killed subscription links and Redis restarts — as long as Redis
+//! keeps its data; without it, the new epoch is delivered from its first offset.
+//!
+//! Every scenario: two instances on one private Redis, two clients on each, all on one
+//! channel, every client a publisher too. Each client's messages are `<name>-<n>`.
+
+mod common;
+use common::*;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// Notice a dead Redis link fast and retry fast (test timescales).
+const FAST: &[&str] = &[
+    "--redis-ping-interval",
+    "0.2",
+    "--redis-timeout",
+    "0.5",
+    "--redis-backoff-max",
+    "0.3",
+];
+
+const CHANNEL: &str = "room";
+
+fn instance(redis: &Redis, extra: &[&str]) -> Wsfan {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str()];
+    args.extend_from_slice(FAST);
+    args.extend_from_slice(extra);
+    let s = Wsfan::start(&args);
+    eventually(10.0, "instance ready", || s.status("/readyz") == 200);
+    s
+}
+
+/// A client that publishes numbered messages and records what it receives.
+struct Client {
+    name: String,
+    ws: Ws,
+    sent: usize,
+    got: Vec<String>,
+}
+
+impl Client {
+    fn new(w: &Wsfan, name: &str) -> Client {
+        Client {
+            name: name.to_string(),
+            ws: connect(&w.url(&format!("/ws/{CHANNEL}"))),
+            sent: 0,
+            got: Vec::new(),
+        }
+    }
+
+    fn publish(&mut self) -> String {
+        self.sent += 1;
+        let m = format!("{}-{}", self.name, self.sent);
+        send_text(&mut self.ws, &m);
+        m
+    }
+
+    /// Reads until `n` messages in all, or fails after `secs`.
+    fn read_until(&mut self, n: usize, secs: f64) {
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        self.ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        while self.got.len() < n {
+            assert!(
+                Instant::now() < end,
+                "{}: {} of {n} messages after {secs} s",
+                self.name,
+                self.got.len()
+            );
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => self.got.push(t.to_string()),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("{}: read failed: {e}", self.name),
+            }
+        }
+    }
+}
+
+struct Scene {
+    redis: Redis,
+    a: Wsfan,
+    b: Wsfan,
+    clients: Vec<Client>,
+    published: Vec<String>,
+}
+
+impl Scene {
+    fn new(redis: Redis, extra: &[&str]) -> Scene {
+        let a = instance(&redis, extra);
+        let b = instance(&redis, extra);
+        let clients = vec![
+            Client::new(&a, "a0"),
+            Client::new(&a, "a1"),
+            Client::new(&b, "b0"),
+            Client::new(&b, "b1"),
+        ];
+        eventually(5.0, "both subscribed", || redis.numsub(CHANNEL) == 2);
+        Scene {
+            redis,
+            a,
+            b,
+            clients,
+            published: Vec::new(),
+        }
+    }
+
+    /// `rounds` rounds, each one message from every client (a's clients only when
+    /// `only_a`), `pace` apart.
+    fn publish(&mut self, rounds: usize, pace: Duration, only: Option<&str>) {
+        for _ in 0..rounds {
+            for c in &mut self.clients {
+                if only.is_some_and(|p| !c.name.starts_with(p)) {
+                    continue;
+                }
+                let m = c.publish();
+                self.published.push(m);
+            }
+            std::thread::sleep(pace);
+        }
+    }
+
+    /// Every client has every message published, exactly once, each publisher's in
+    /// its order, and all clients in one and the same order.
+    fn check_all(&mut self, secs: f64) {
+        let n = self.published.len();
+        for c in &mut self.clients {
+            c.read_until(n, secs);
+        }
+        // Nothing more (a duplicate would arrive right behind).
+        for c in &mut self.clients {
+            c.ws.get_mut()
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("timeout");
+            if let Ok(tungstenite::Message::Text(t)) = c.ws.read() {
+                panic!("{}: a message more than published: {t}", c.name);
+            }
+        }
+        let want: HashSet<&String> = self.published.iter().collect();
+        let first = self.clients[0].got.clone();
+        for c in &self.clients {
+            let set: HashSet<&String> = c.got.iter().collect();
+            assert_eq!(set.len(), n, "{}: a duplicate", c.name);
+            assert_eq!(set, want, "{}: not what was published", c.name);
+            assert_eq!(c.got, first, "{}: another order than {}", c.name, "a0");
+        }
+        for who in ["a0", "a1", "b0", "b1"] {
+            let nums: Vec<usize> = first
+                .iter()
+                .filter_map(|m| m.strip_prefix(&format!("{who}-")))
+                .map(|s| s.parse().expect("number"))
+                .collect();
+            assert!(nums.windows(2).all(|w| w[0] < w[1]), "{who} out of order");
+        }
+    }
+
+    fn metric(&self, m: &str) -> f64 {
+        self.a.metric(m) + self.b.metric(m)
+    }
+}
+
+const PACE: Duration = Duration::from_millis(10);
+
+fn aof_dir(port: u16) -> String {
+    let d = std::env::temp_dir().join(format!("wsfan-aof-{port}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.display().to_string()
+}
+
+fn redis_with_aof() -> Redis {
+    let port = free_port();
+    let dir = aof_dir(port);
+    // (start_with picks its own port; the directory name only has to be unique.)
+    Redis::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        &dir,
+    ])
+}
+
+#[test]
+fn a_frozen_redis_loses_nothing_on_either_instance() {
+    let mut s = Scene::new(Redis::start(), &[]);
+    s.publish(20, PACE, None);
+    s.redis.signal("STOP");
+    // 2 s frozen: both instances declare their links dead (0.5 s) and reconnect.
+    s.publish(100, Duration::from_millis(20), None);
+    s.redis.signal("CONT");
+    s.publish(20, PACE, None);
+    s.check_all(30.0);
+    assert!(s.metric("wsfan_redis_reconnects_total") >= 2.0);
+    assert_eq!(s.metric("wsfan_history_missed_total"), 0.0);
+    assert_eq!(s.metric("wsfan_history_resets_total"), 0.0);
+}
+
+/// The subscription link of the instance subscribed to two channels.
+fn kill_pubsub_link_with_two_channels(redis: &Redis) -> bool {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis.conn())
+        .expect("CLIENT LIST");
+    let Some(id) = list
+        .lines()
+        .find(|l| l.contains(" sub=2 "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+    else {
+        return false;
+    };
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query(&mut redis.conn())
+        .expect("CLIENT KILL");
+    killed == 1
+}
+
+#[test]
+fn a_killed_subscription_link_repairs_its_gap() {
+    let mut s = Scene::new(Redis::start(), &[]);
+    // A second channel on a only: its link is the one with sub=2.
+    let _other = connect(&s.a.url("/ws/a-only"));
+    eventually(5.0, "a-only subscribed", || s.redis.numsub("a-only") == 1);
+    s.publish(20, PACE, None);
+    for _ in 0..3 {
+        assert!(kill_pubsub_link_with_two_channels(&s.redis), "killed");
+        // Publishing on while a re-subscribes: what it misses live is read back.
+        s.publish(30, Duration::from_millis(5), None);
+        eventually(10.0, "a re-subscribed", || s.a.status("/readyz") == 200);
+    }
+    s.publish(10, PACE, None);
+    s.check_all(30.0);
+    assert!(s.a.metric("wsfan_redis_reconnects_total") >= 3.0);
+    assert_eq!(s.b.metric("wsfan_redis_reconnects_total"), 0.0);
+    assert_eq!(s.metric("wsfan_history_missed_total"), 0.0);
+}
+
+#[test]
+fn redis_killed_and_restarted_with_aof_loses_nothing() {
+    let mut s = Scene::new(redis_with_aof(), &[]);
+    s.publish(20, PACE, None);
+    // Wait until all is delivered, so the kill does not race a publish's reply.
+    let n = s.published.len();
+    for c in &mut s.clients {
+        c.read_until(n, 10.0);
+    }
+    s.redis.kill();
+    s.publish(30, PACE, None); // waits in both outage buffers
+    s.redis.restart();
+    s.publish(20, PACE, None);
+    s.check_all(30.0);
+    assert_eq!(s.metric("wsfan_history_resets_total"), 0.0, "AOF kept it");
+    assert_eq!(s.metric("wsfan_history_missed_total"), 0.0);
+}
+
+/// Redis comes back while `late` is frozen (SIGSTOP), so the other instance
+/// re-subscribes, flushes its outage buffer and publishes on first.
+fn restart_with_one_instance_late(aof: bool, late_is_a: bool) -> Scene {
+    let redis = if aof {
+        redis_with_aof()
+    } else {
+        Redis::start()
+    };
+    let mut s = Scene::new(redis, &[]);
+    s.publish(20, PACE, None);
+    let n = s.published.len();
+    for c in &mut s.clients {
+        c.read_until(n, 10.0);
+    }
+    s.redis.kill();
+    s.publish(25, PACE, None);
+    let (late, early, early_prefix) = if late_is_a {
+        (&s.a, &s.b, "b")
+    } else {
+        (&s.b, &s.a, "a")
+    };
+    late.signal("STOP");
+    s.redis.restart();
+    eventually(10.0, "the early instance is back", || {
+        early.status("/readyz") == 200 && early.metric("wsfan_redis_buffer_messages") == 0.0
+    });
+    let late_pid = late.child.id();
+    s.publish(10, PACE, Some(early_prefix));
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &late_pid.to_string()])
+        .status();
+    s.publish(10, PACE, None);
+    s
+}
+
+#[test]
+fn instances_resubscribing_in_either_order_lose_nothing() {
+    for late_is_a in [true, false] {
+        let mut s = restart_with_one_instance_late(true, late_is_a);
+        s.check_all(30.0);
+        assert_eq!(s.metric("wsfan_history_missed_total"), 0.0);
+        assert_eq!(s.metric("wsfan_history_resets_total"), 0.0);
+    }
+}
+
+#[test]
+fn redis_restarted_without_data_delivers_the_new_epoch_from_its_start() {
+    for late_is_a in [true, false] {
+        let mut s = restart_with_one_instance_late(false, late_is_a);
+        s.check_all(30.0);
+        // Both instances saw the channel's history begin again.
+        assert!(s.a.metric("wsfan_history_resets_total") >= 1.0);
+        assert!(s.b.metric("wsfan_history_resets_total") >= 1.0);
+        assert_eq!(s.metric("wsfan_history_missed_total"), 0.0);
+        let late = if late_is_a { &s.a } else { &s.b };
+        assert!(late.log().contains("history of channel room began again"));
+    }
+}
+
+#[test]
+fn a_gap_forced_into_history_is_read_and_delivered_in_order() {
+    let mut s = Scene::new(Redis::start(), &[]);
+    s.publish(1, PACE, Some("a0"));
+    let n = s.published.len();
+    for c in &mut s.clients {
+        c.read_until(n, 10.0);
+    }
+    // Written as the script would, without a PUBLISH: nobody hears of it live.
+    let mut r = s.redis.conn();
+    let (meta, stream) = wsfan::redis_link::history::keys(CHANNEL);
+    let off: u64 = redis::cmd("HINCRBY")
+        .arg(&meta)
+        .arg("s")
+        .arg(1)
+        .query(&mut r)
+        .expect("HINCRBY");
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg(format!("{off}-0"))
+        .arg("d")
+        .arg("hidden-1")
+        .query(&mut r)
+        .expect("XADD");
+    s.published.push("hidden-1".to_string());
+    s.publish(1, PACE, Some("b0"));
+    s.check_all(10.0);
+    assert_eq!(s.clients[0].got, ["a0-1", "hidden-1", "b0-1"]);
+    assert_eq!(s.a.metric("wsfan_history_repaired_total"), 1.0);
+    assert_eq!(s.b.metric("wsfan_history_repaired_total"), 1.0);
+}
+
+#[test]
+fn history_size_and_ttl_hold_in_redis() {
+    let redis = Redis::start();
+    let a = instance(&redis, &["--history-size", "5", "--history-ttl", "2"]);
+    let mut c = connect(&a.url("/ws/bounded"));
+    for i in 0..20 {
+        send_text(&mut c, &format!("m{i}"));
+    }
+    for i in 0..20 {
+        assert_eq!(recv_text(&mut c), format!("m{i}"));
+    }
+    let mut r = redis.conn();
+    let (meta, stream) = wsfan::redis_link::history::keys("bounded");
+    let len: i64 = redis::cmd("XLEN").arg(&stream).query(&mut r).expect("XLEN");
+    assert_eq!(len, 5, "--history-size");
+    let top: i64 = redis::cmd("HGET")
+        .arg(&meta)
+        .arg("s")
+        .query(&mut r)
+        .expect("top");
+    assert_eq!(top, 20);
+    for key in [&meta, &stream] {
+        let ttl: i64 = redis::cmd("TTL").arg(key).query(&mut r).expect("TTL");
+        assert!((1..=2).contains(&ttl), "{key}: TTL {ttl}");
+    }
+    eventually(5.0, "quiet history expired", || {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&meta)
+            .arg(&stream)
+            .query(&mut r)
+            .expect("EXISTS");
+        n == 0
+    });
+    // The next publish starts a new epoch at offset 1, and is delivered.
+    send_text(&mut c, "again");
+    assert_eq!(recv_text(&mut c), "again");
+    let top: i64 = redis::cmd("HGET")
+        .arg(&meta)
+        .arg("s")
+        .query(&mut r)
+        .expect("top");
+    assert_eq!(top, 1);
+}
+
+#[test]
+fn scripts_flushed_by_an_operator_are_loaded_again() {
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    let mut c = connect(&a.url("/ws/flush"));
+    send_text(&mut c, "before");
+    assert_eq!(recv_text(&mut c), "before");
+    let _: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut redis.conn())
+        .expect("SCRIPT FLUSH");
+    for i in 0..5 {
+        send_text(&mut c, &format!("after{i}"));
+    }
+    for i in 0..5 {
+        assert_eq!(
+            recv_text(&mut c),
+            format!("after{i}"),
+            "once each, in order"
+        );
+    }
+    assert!(a.metric("wsfan_redis_reconnects_total") >= 1.0);
+    assert!(a.log().contains("NOSCRIPT"));
+}
+
+#[test]
+fn history_off_publishes_plain_payloads() {
+    let redis = Redis::start();
+    let a = instance(&redis, &["--history-size", "0"]);
+    let mut c = connect(&a.url("/ws/plain"));
+    send_text(&mut c, "x");
+    assert_eq!(recv_text(&mut c), "x");
+    let n: i64 = redis::cmd("DBSIZE")
+        .query(&mut redis.conn())
+        .expect("DBSIZE");
+    assert_eq!(n, 0, "no history keys");
+}
+
+#[test]
+fn standalone_history_memory_stays_bounded() {
+    let limit = 1024 * 1024;
+    let a = Wsfan::start(&[
+        "--history-memory-bytes",
+        &limit.to_string(),
+        "--max-messages-per-sec",
+        "100000",
+        "--max-messages-burst",
+        "100000",
+    ]);
+    let base = a.rss_kb();
+    let payload = "x".repeat(1000);
+    for ch in 0..40 {
+        let mut c = connect(&a.url(&format!("/ws/c{ch}")));
+        for _ in 0..200 {
+            send_text(&mut c, &payload);
+        }
+        for _ in 0..200 {
+            recv_text(&mut c);
+        }
+        let bytes = a.metric("wsfan_history_memory_bytes");
+        assert!(bytes > 0.0 && bytes <= limit as f64, "{bytes} at c{ch}");
+    }
+    // 8 MB went through; history kept at most 1 MiB of it.
+    assert!(
+        a.rss_kb() < base + 8 * 1024,
+        "RSS {} -> {} kB",
+        base,
+        a.rss_kb()
+    );
+}
