@@ -4,11 +4,14 @@
 //! Prints: binary size, RSS per idle connection, idle CPU, handshakes/s, broadcast time
 //! to N connections with server CPU against the raw-write floor, coalescing (deliveries
 //! per write, CPU per delivery at 1/10/100 messages per loop iteration), and throughput
-//! with 2 instances + Redis (deliveries/s, loss, latency p50/p99/p999, CPU per delivery).
+//! with 2 instances + Redis (deliveries/s, loss, latency p50/p99/p999, CPU per delivery),
+//! and history (script publishes/s against PUBLISH, time to repair a 1,000-message gap).
 //!
 //! Sizes by environment: WSFAN_BENCH_IDLE (10000), WSFAN_BENCH_CLIENTS (1000),
 //! WSFAN_BENCH_SECS (5), WSFAN_BENCH_RATES (publishes/s, "200,400,800,1200").
-//! WSFAN_BENCH_ONLY=idle|coalescing|throughput runs one phase (e.g. under `perf record`);
+//! WSFAN_BENCH_ONLY=idle|coalescing|throughput|history runs one phase (e.g. under
+//! `perf record`); WSFAN_BENCH_HISTORY=0 runs the throughput phase with history off
+//! (`--history-size 0`) for comparison;
 //! WSFAN_BENCH_WRAP="valgrind --tool=callgrind ..." runs wsfan under a tool.
 //! Under `cargo test` (no `--bench`) it runs a small smoke version.
 //!
@@ -36,6 +39,7 @@ macro_rules! report {
 
 mod fleet;
 mod floor;
+mod history;
 mod phases;
 
 use common::Wsfan;
@@ -124,5 +128,9 @@ fn main() {
     }
     if only.is_empty() || only == "throughput" {
         phases::throughput(clients, secs, &rates);
+    }
+    if only.is_empty() || only == "history" {
+        let (n, gap) = if bench { (200_000, 1000) } else { (2000, 100) };
+        history::history(n, gap);
     }
 }

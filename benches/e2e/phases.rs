@@ -181,18 +181,20 @@ pub fn throughput(clients: usize, secs: f64, rates: &[u64]) {
     let redis = common::Redis::start();
     let redis_pid = redis.child.as_ref().map_or(0, |c| c.id());
     let url = redis.url();
-    let a = start_wsfan(&[
+    // WSFAN_BENCH_HISTORY=0: history off, for comparing the cost of history.
+    let history = std::env::var("WSFAN_BENCH_HISTORY").unwrap_or_else(|_| "10000".into());
+    report!("throughput with --history-size {history}");
+    let max = (clients + 100).to_string();
+    let args = [
         "--redis",
         &url,
         "--max-connections",
-        &(clients + 100).to_string(),
-    ]);
-    let b = start_wsfan(&[
-        "--redis",
-        &url,
-        "--max-connections",
-        &(clients + 100).to_string(),
-    ]);
+        &max,
+        "--history-size",
+        &history,
+    ];
+    let a = start_wsfan(&args);
+    let b = start_wsfan(&args);
     for s in [&a, &b] {
         common::eventually(15.0, "instance ready", || s.status("/readyz") == 200);
     }

@@ -477,6 +477,7 @@ mod tests {
             },
         });
         link.read_budget = 16 * 1024;
+        link.subs.want("room", false); // a local member wants it
         let (ours, mut redis) = std::os::unix::net::UnixStream::pair().expect("pair");
         ours.set_nonblocking(true).expect("nonblocking");
         link.sub.io.stream = Some(Stream::Unix(mio::net::UnixStream::from_std(ours)));

@@ -123,6 +123,12 @@ impl Subscriptions {
         }
     }
 
+    /// Local members want it (messages for other channels are late arrivals after an
+    /// UNSUBSCRIBE and are not delivered).
+    pub fn is_wanted(&self, channel: &str) -> bool {
+        self.subs.get(channel).is_some_and(|s| s.wanted)
+    }
+
     pub fn is_confirmed(&self, channel: &str) -> bool {
         self.subs.get(channel).is_some_and(|s| s.confirmed)
     }

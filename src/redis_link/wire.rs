@@ -104,6 +104,11 @@ impl RedisLink {
                 let Some(name) = self.subs.local_name(&channel) else {
                     return Ok(()); // not ours (another prefix)
                 };
+                if !self.subs.is_wanted(name) {
+                    // In flight when the last member left: nobody to deliver to, and
+                    // no position to keep for a channel we no longer follow.
+                    return Ok(());
+                }
                 let name = name.to_string();
                 let raw = Bytes::from(payload);
                 let (pos, body) = match envelope::split_position(&raw) {
