@@ -488,7 +488,8 @@ fn a_foreign_plain_publish_is_delivered_with_history_on() {
     assert_eq!(recv_text(&mut c), "from redis-cli");
     send_text(&mut c, "ours-2");
     assert_eq!(recv_text(&mut c), "ours-2");
-    assert_eq!(a.metric("wsfan_history_reads_total"), 0.0, "no gap seen");
+    assert_eq!(a.metric("wsfan_history_repaired_total"), 0.0, "no gap seen");
+    assert_eq!(a.metric("wsfan_history_missed_total"), 0.0);
 }
 
 /// The test publishes through the history script itself (as another instance would):
@@ -555,4 +556,36 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
     // (One read may cover it all: what overflowed had been published before the read
     // ran. Live copies arriving after it are dropped as duplicates.)
     assert!(a.metric("wsfan_history_reads_total") >= 1.0);
+}
+
+/// A channel nobody has published on yet still has a position (from the read when it
+/// was confirmed), so a link that drops while it is quiet reads what it missed.
+#[test]
+fn a_quiet_channel_loses_nothing_when_its_link_drops() {
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    let b = instance(&redis, &[]);
+    let mut a0 = connect(&a.url("/ws/quiet"));
+    let _marker = connect(&a.url("/ws/a-only")); // a's link is the one with sub=2
+    let mut b0 = connect(&b.url("/ws/quiet"));
+    eventually(5.0, "both subscribed", || redis.numsub("quiet") == 2);
+    eventually(5.0, "a's position reads sent", || {
+        a.metric("wsfan_history_reads_total") >= 2.0
+    });
+    a.signal("STOP");
+    assert!(kill_pubsub_link_with_two_channels(&redis), "killed");
+    for i in 0..3 {
+        send_text(&mut b0, &format!("while a was away {i}"));
+    }
+    for i in 0..3 {
+        assert_eq!(recv_text(&mut b0), format!("while a was away {i}"));
+    }
+    a.signal("CONT");
+    for i in 0..3 {
+        assert_eq!(recv_text(&mut a0), format!("while a was away {i}"));
+    }
+    send_text(&mut a0, "back");
+    assert_eq!(recv_text(&mut a0), "back");
+    assert_eq!(recv_text(&mut b0), "back");
+    assert_eq!(a.metric("wsfan_history_repaired_total"), 3.0);
 }

@@ -53,13 +53,15 @@ return off
 
 /// KEYS: meta, stream. ARGV: epoch known, first offset, max entries, max bytes, max
 /// entry bytes. Returns `{epoch or nil, top, offset, payload, offset, payload, …}`:
-/// from the first offset if the epoch matches, else from the start; at least one entry
+/// no entries for first offset 0 (a position read), else from the first offset if the
+/// epoch matches, else from the start; at least one entry
 /// if any, then as many as fit in max bytes. An entry larger than max entry bytes (not
 /// written by wsfan) is left out.
 pub const READ_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then return {false, 0} end
 local top = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if ARGV[2] == '0' then return {epoch, top} end
 local from = ARGV[2] .. '-0'
 if epoch ~= ARGV[1] then from = '-' end
 local r = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', ARGV[3])

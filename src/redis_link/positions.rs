@@ -6,8 +6,13 @@
 //! reads to send. No sockets, no clock.
 //!
 //! The rules:
-//! * A channel's first positioned message starts its position: members joined now,
-//!   nothing older is theirs.
+//! * A channel's position starts when it is first confirmed: a *position read* (the
+//!   read script with `from` 0) returns its epoch and top offset, and no entries —
+//!   members joined now, nothing older is theirs. Until a live message goes past that
+//!   top, live messages at or below it were published after the SUBSCRIBE took effect
+//!   and are delivered (in order, once). So even a channel that was quiet when a link
+//!   dropped knows where to read from. A live message before the reply starts the
+//!   position itself.
 //! * Offset `last + 1` of the same epoch is delivered at once; one at or below `last` is
 //!   a duplicate (dropped, counted); one further ahead is held and the gap is read from
 //!   history (`last + 1 ..`), then everything is delivered in order.
@@ -72,6 +77,9 @@ struct Chan {
     /// Highest offset seen live but not held (hold limit): read from history.
     behind: u64,
     read: Read,
+    /// `last` came from a position read, not a delivery: live messages up to it are
+    /// still to deliver; this is the highest delivered so far (`None`: not provisional).
+    provisional: Option<u64>,
 }
 
 impl Chan {
@@ -82,6 +90,7 @@ impl Chan {
             hold: BTreeMap::new(),
             behind: 0,
             read: Read::Idle,
+            provisional: None,
         }
     }
 }
@@ -173,6 +182,12 @@ impl Positions {
                 c.epoch = Some(pos.epoch.clone());
                 c.last = pos.offset.saturating_sub(1);
             }
+            // Confirmed while the channel had no history: its first epoch is new to
+            // everyone, from offset 1.
+            Some(e) if e.is_empty() => {
+                c.epoch = Some(pos.epoch.clone());
+                c.last = 0;
+            }
             Some(e) if *e != pos.epoch => {
                 let old = e.clone();
                 self.reset(channel, old, pos.epoch.clone());
@@ -182,6 +197,17 @@ impl Positions {
         let Some(c) = self.chans.get_mut(channel) else {
             return;
         };
+        if let Some(delivered) = c.provisional {
+            if pos.offset <= c.last {
+                if pos.offset <= delivered {
+                    self.stats.duplicates += 1;
+                    return;
+                }
+                c.provisional = Some(pos.offset);
+                return self.deliver(channel, body, out);
+            }
+            c.provisional = None;
+        }
         if pos.offset <= c.last {
             self.stats.duplicates += 1;
             return;
@@ -210,12 +236,15 @@ impl Positions {
     /// The channel is (again) confirmed on a new subscription link: what was published
     /// while it was not is read from history.
     pub fn on_confirmed(&mut self, channel: &str) {
-        if let Some(c) = self.chans.get_mut(channel) {
-            if c.epoch.is_some() {
-                c.behind = u64::MAX; // unknown how far: read to the top
-                self.want_read(channel);
-            }
+        let c = match self.chans.get_mut(channel) {
+            Some(c) => c,
+            None => self.chans.entry(channel.into()).or_insert_with(Chan::new),
+        };
+        if c.epoch.is_some() {
+            c.behind = u64::MAX; // unknown how far: read to the top
         }
+        // No position yet: a position read (epoch and top only).
+        self.want_read(channel);
     }
 
     /// The publish link went down: reads in flight will get no reply; they are
@@ -241,17 +270,17 @@ impl Positions {
             if c.read != Read::Wanted {
                 continue;
             }
-            let Some(epoch) = c.epoch.clone() else {
-                c.read = Read::Idle;
-                continue;
-            };
             self.serial += 1;
             c.read = Read::InFlight(self.serial);
             self.stats.reads += 1;
+            let (epoch, from) = match &c.epoch {
+                Some(e) => (e.clone(), c.last + 1),
+                None => (Bytes::new(), 0), // a position read
+            };
             return Some(ReadReq {
                 channel: name,
                 epoch,
-                from: c.last + 1,
+                from,
                 serial: self.serial,
             });
         }
@@ -268,13 +297,36 @@ impl Positions {
             return; // a read from before the channel was left and joined again
         }
         c.read = Read::Idle;
+        if req.from == 0 {
+            // A position read: the position starts at the top, unless a live message
+            // started it meanwhile.
+            if c.epoch.is_none() {
+                match r.epoch {
+                    Some(e) => {
+                        c.epoch = Some(e);
+                        c.last = r.top;
+                        c.provisional = Some(0);
+                    }
+                    // No history yet: whatever epoch comes is delivered from offset 1.
+                    None => c.epoch = Some(Bytes::new()),
+                }
+            }
+            return;
+        }
         let Some(epoch) = r.epoch else {
             // No history at all: whatever the gap held is gone.
             return self.skip_gap(channel, out);
         };
-        if c.epoch.as_ref() != Some(&epoch) {
-            let old = c.epoch.clone().unwrap_or_default();
-            self.reset(channel, old, epoch);
+        match &c.epoch {
+            Some(e) if e.is_empty() => {
+                c.epoch = Some(epoch);
+                c.last = 0;
+            }
+            Some(e) if *e == epoch => {}
+            other => {
+                let old = other.clone().unwrap_or_default();
+                self.reset(channel, old, epoch);
+            }
         }
         let mut last_read = 0;
         for (offset, body) in r.entries {
@@ -360,6 +412,7 @@ impl Positions {
         c.epoch = Some(new.clone());
         c.last = 0;
         c.behind = 0;
+        c.provisional = None;
         self.stats.resets += 1;
         self.resets.push(Reset {
             channel: channel.to_string(),
@@ -453,6 +506,78 @@ mod tests {
             top,
             entries: offs.map(|o| (o, body(o))).collect(),
         }
+    }
+
+    #[test]
+    fn a_quiet_channel_gets_its_position_from_a_read_and_repairs_a_gap() {
+        let mut p = Positions::new(1 << 20, 1 << 16);
+        let mut out = Vec::new();
+        p.on_confirmed("c");
+        let req = p.next_read().expect("position read");
+        assert_eq!((req.from, req.epoch.len()), (0, 0));
+        // Published after the SUBSCRIBE but before the read ran: arrives after the reply.
+        p.on_range(
+            &req,
+            Range {
+                epoch: Some(Bytes::from_static(b"E")),
+                top: 7,
+                entries: vec![],
+            },
+            &mut out,
+        );
+        assert!(out.is_empty(), "nothing old is delivered");
+        assert_eq!(p.last("c"), Some((Bytes::from_static(b"E"), 7)));
+        for o in [6, 7, 7, 8] {
+            p.on_message("c", pos("E", o), body(o), &mut out);
+        }
+        assert_eq!(
+            got(&mut out),
+            ["m6", "m7", "m8"],
+            "live ones up to the top, once"
+        );
+        // The link drops; 9 and 10 are published meanwhile; the catch-up reads them.
+        p.on_confirmed("c");
+        let req = p.next_read().expect("catch-up");
+        assert_eq!(req.from, 9);
+        p.on_range(&req, range("E", 10, 9..=10), &mut out);
+        assert_eq!(got(&mut out), ["m9", "m10"]);
+        // A live message before the position reply starts the position itself.
+        p.forget("c");
+        p.on_confirmed("c");
+        let req = p.next_read().expect("position read");
+        p.on_message("c", pos("E", 11), body(11), &mut out);
+        p.on_range(
+            &req,
+            Range {
+                epoch: Some(Bytes::from_static(b"E")),
+                top: 11,
+                entries: vec![],
+            },
+            &mut out,
+        );
+        p.on_message("c", pos("E", 12), body(12), &mut out);
+        assert_eq!(got(&mut out), ["m11", "m12"]);
+        // No history at all: the channel's first epoch is delivered from offset 1, even
+        // what was published while the link was down.
+        p.forget("c");
+        p.on_confirmed("c");
+        let req = p.next_read().expect("position read");
+        p.on_range(&req, Range::default(), &mut out);
+        p.on_confirmed("c");
+        let req = p.next_read().expect("catch-up");
+        p.on_range(&req, range("F", 2, 1..=2), &mut out);
+        p.on_message("c", pos("F", 3), body(3), &mut out);
+        assert_eq!(got(&mut out), ["m1", "m2", "m3"]);
+        p.forget("c");
+        p.on_confirmed("c");
+        let req = p.next_read().expect("position read");
+        p.on_range(&req, Range::default(), &mut out);
+        p.on_message("c", pos("G", 2), body(2), &mut out);
+        let req = p.next_read().expect("gap from 1");
+        assert_eq!(req.from, 1);
+        p.on_range(&req, range("G", 2, 1..=2), &mut out);
+        assert_eq!(got(&mut out), ["m1", "m2"]);
+        assert_eq!(p.stats.resets, 0, "a first epoch is no reset");
     }
 
     #[test]
