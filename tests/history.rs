@@ -11,22 +11,12 @@ use common::*;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-/// Notice a dead Redis link fast and retry fast (test timescales).
-const FAST: &[&str] = &[
-    "--redis-ping-interval",
-    "0.2",
-    "--redis-timeout",
-    "0.5",
-    "--redis-backoff-max",
-    "0.3",
-];
-
 const CHANNEL: &str = "room";
 
 fn instance(redis: &Redis, extra: &[&str]) -> Wsfan {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str()];
-    args.extend_from_slice(FAST);
+    args.extend_from_slice(FAST_FAILOVER);
     args.extend_from_slice(extra);
     let s = Wsfan::start(&args);
     eventually(10.0, "instance ready", || s.status("/readyz") == 200);
@@ -327,17 +317,11 @@ fn redis_restarted_without_data_delivers_the_new_epoch_from_its_start() {
     }
 }
 
-#[test]
-fn a_gap_forced_into_history_is_read_and_delivered_in_order() {
-    let mut s = Scene::new(Redis::start(), &[]);
-    s.publish(1, PACE, Some("a0"));
-    let n = s.published.len();
-    for c in &mut s.clients {
-        c.read_until(n, 10.0);
-    }
-    // Written as the script would, without a PUBLISH: nobody hears of it live.
-    let mut r = s.redis.conn();
-    let (meta, stream) = wsfan::redis_link::history::keys(CHANNEL);
+/// Appends `body` to `channel`'s history as the publish script would (next offset,
+/// stream entry), without publishing it: nobody hears of it live.
+fn hide_in_history(redis: &Redis, channel: &str, body: &str) {
+    let mut r = redis.conn();
+    let (meta, stream) = wsfan::redis_link::history::keys(channel);
     let off: u64 = redis::cmd("HINCRBY")
         .arg(&meta)
         .arg("s")
@@ -348,9 +332,21 @@ fn a_gap_forced_into_history_is_read_and_delivered_in_order() {
         .arg(&stream)
         .arg(format!("{off}-0"))
         .arg("d")
-        .arg("hidden-1")
+        .arg(body)
         .query(&mut r)
         .expect("XADD");
+}
+
+#[test]
+fn a_gap_forced_into_history_is_read_and_delivered_in_order() {
+    let mut s = Scene::new(Redis::start(), &[]);
+    s.publish(1, PACE, Some("a0"));
+    let n = s.published.len();
+    for c in &mut s.clients {
+        c.read_until(n, 10.0);
+    }
+    // Written as the script would, without a PUBLISH: nobody hears of it live.
+    hide_in_history(&s.redis, CHANNEL, "hidden-1");
     s.published.push("hidden-1".to_string());
     s.publish(1, PACE, Some("b0"));
     s.check_all(10.0);
@@ -503,21 +499,8 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
     let mut c = connect(&a.url("/ws/burst"));
     send_text(&mut c, "first");
     assert_eq!(recv_text(&mut c), "first");
+    hide_in_history(&redis, "burst", "hidden");
     let mut r = redis.conn();
-    let (meta, stream) = history::keys("burst");
-    let off: u64 = redis::cmd("HINCRBY")
-        .arg(&meta)
-        .arg("s")
-        .arg(1)
-        .query(&mut r)
-        .expect("HINCRBY");
-    let _: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg(format!("{off}-0"))
-        .arg("d")
-        .arg("hidden")
-        .query(&mut r)
-        .expect("XADD");
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
         .arg(history::PUBLISH_SCRIPT)

@@ -6,16 +6,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tungstenite::Message;
 
-/// Notice a dead Redis link fast and retry fast (test timescales).
-const FAST_FAILOVER: &[&str] = &[
-    "--redis-ping-interval",
-    "0.2",
-    "--redis-timeout",
-    "0.5",
-    "--redis-backoff-max",
-    "0.3",
-];
-
 fn instance(redis: &Redis, extra: &[&str]) -> Wsfan {
     let url = redis.url();
     let mut args = vec!["--redis", url.as_str()];

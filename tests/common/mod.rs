@@ -26,6 +26,16 @@ pub use wsfan_proc::Wsfan;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+/// wsfan flags that notice a dead Redis link fast and retry fast (test timescales).
+pub const FAST_FAILOVER: &[&str] = &[
+    "--redis-ping-interval",
+    "0.2",
+    "--redis-timeout",
+    "0.5",
+    "--redis-backoff-max",
+    "0.3",
+];
+
 /// Polls `cond` every 10 ms until it holds or `secs` pass.
 pub fn eventually(secs: f64, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs_f64(secs);
