@@ -514,13 +514,9 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
     };
     let mut p = redis::pipe();
     for i in 1..=2000u64 {
-        p.add_command(h.publish(
-            &sha,
-            "burst",
-            format!("burst {i:04} padded to some length").as_bytes(),
-            i,
-        ))
-        .ignore();
+        let body = format!("burst {i:04} padded to some length");
+        p.add_command(h.publish(&sha, "burst", &[(i, body.as_bytes())]))
+            .ignore();
     }
     let _: () = p.query(&mut r).expect("pipeline");
     assert_eq!(recv_text(&mut c), "hidden");

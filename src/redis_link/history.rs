@@ -30,12 +30,19 @@ use super::positions::{Range, ReadReq};
 use bytes::Bytes;
 use redis::Value;
 
-/// KEYS: meta, stream, dedupe. ARGV: channel, payload, size, ttl, sequence number.
-/// Returns the offset, or 0 for a publish already applied.
+/// KEYS: meta, stream, dedupe. ARGV: channel, size, ttl, n, then n pairs of sequence
+/// number and payload (one channel's publishes, in order). Publishes whose sequence
+/// number the dedupe key has already seen (a re-send) are skipped; the rest get the next
+/// offsets, are appended and PUBLISHed. Returns the top offset, or 0 when all were
+/// re-sends already applied.
 pub const PUBLISH_SCRIPT: &str = r#"
-local seen = redis.call('GET', KEYS[3])
-if seen and tonumber(seen) >= tonumber(ARGV[5]) then return 0 end
-redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
+local seen = tonumber(redis.call('GET', KEYS[3]) or '0')
+local n = tonumber(ARGV[4])
+local fresh = 0
+for i = 1, n do
+  if tonumber(ARGV[3 + 2 * i]) > seen then fresh = fresh + 1 end
+end
+if fresh == 0 then return 0 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   local t = redis.call('TIME')
@@ -43,12 +50,23 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch)
   redis.call('DEL', KEYS[2])
 end
-local off = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], off .. '-0', 'd', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], '\0h' .. off .. ':' .. epoch .. ':' .. ARGV[2])
-return off
+local top = redis.call('HINCRBY', KEYS[1], 's', fresh)
+local off = top - fresh
+local last = seen
+for i = 1, n do
+  local seq = tonumber(ARGV[3 + 2 * i])
+  if seq > seen then
+    off = off + 1
+    local body = ARGV[4 + 2 * i]
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+    redis.call('PUBLISH', ARGV[1], '\0h' .. off .. ':' .. epoch .. ':' .. body)
+    last = seq
+  end
+end
+redis.call('SET', KEYS[3], last, 'EX', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return top
 "#;
 
 /// KEYS: meta, stream. ARGV: epoch known, first offset, max entries, max bytes, max
@@ -125,19 +143,22 @@ pub fn keys(redis_channel: &str) -> (String, String) {
 }
 
 impl History {
-    pub fn publish(&self, sha: &str, ch: &str, body: &[u8], seq: u64) -> redis::Cmd {
-        redis::cmd("EVALSHA")
-            .arg(sha)
+    /// One script call publishing `items` (sequence number, payload) on `ch`, in order.
+    pub fn publish(&self, sha: &str, ch: &str, items: &[(u64, &[u8])]) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(sha)
             .arg(3)
             .arg(meta(ch))
             .arg(stream(ch))
             .arg(format!("{{{ch}}}:p:{}", self.instance))
             .arg(ch)
-            .arg(body)
             .arg(self.size)
             .arg(self.ttl)
-            .arg(seq)
-            .clone()
+            .arg(items.len());
+        for (seq, body) in items {
+            c.arg(*seq).arg(*body);
+        }
+        c
     }
 
     pub fn read(&self, sha: &str, redis_channel: &str, req: &ReadReq) -> redis::Cmd {
@@ -230,8 +251,11 @@ mod tests {
             instance: "i1".into(),
             max_entry: 100,
         };
-        let c = String::from_utf8(h.publish("sha", "p:room", b"x", 7).get_packed_command())
-            .expect("utf8");
+        let c = String::from_utf8(
+            h.publish("sha", "p:room", &[(7, b"x")])
+                .get_packed_command(),
+        )
+        .expect("utf8");
         for k in ["{p:room}:m", "{p:room}:s", "{p:room}:p:i1"] {
             assert!(c.contains(k), "{k} in {c}");
         }

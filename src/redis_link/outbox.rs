@@ -20,11 +20,16 @@ use std::collections::VecDeque;
 /// Redis that executes it and then answers garbage) is dropped and counted in
 /// `wsfan_redis_publish_abandoned_total`, instead of being delivered again forever.
 pub const MAX_PUBLISH_SENDS: u8 = 3;
+/// Publishes of one channel carried by one history script call, at most.
+pub const BATCH_MESSAGES: usize = 64;
+/// Payload bytes one history script call carries, at most (beyond its first message).
+pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// What the next reply on the publish link answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Expect {
-    Publish,
+    /// One PUBLISH, or one script call carrying this many publishes of one channel.
+    Publish(usize),
     Ping,
     LoadPublish,
     LoadRead,
@@ -172,22 +177,51 @@ impl Outbox {
 
     /// The next publish to write (moved in flight), while fewer than the message limit
     /// are in flight.
+    ///
+    /// With history, consecutive waiting publishes of one channel go in one script call
+    /// (up to `BATCH_MESSAGES` / `BATCH_BYTES`): the script's fixed cost (the Lua call,
+    /// the epoch, the dedupe key, the TTLs) is paid once per batch, which is what lets
+    /// one Redis keep up with a busy channel (bench: ~23 µs of Redis per message alone,
+    /// ~9 µs in batches of 16).
     pub fn send_next(&mut self) -> Option<redis::Cmd> {
         if self.inflight.len() >= self.max_msgs || !self.can_send() {
             return None;
         }
-        let mut m = self.waiting.pop_front()?;
-        let cmd = match (&self.history, &self.shas.publish) {
-            (Some(h), Some(sha)) => h.publish(sha, &m.channel, &m.body, m.seq),
-            _ => redis::cmd("PUBLISH")
-                .arg(&*m.channel)
-                .arg(&m.body[..])
-                .clone(),
+        let first = self.waiting.pop_front()?;
+        let (Some(h), Some(sha)) = (&self.history, &self.shas.publish) else {
+            let cmd = redis::cmd("PUBLISH")
+                .arg(&*first.channel)
+                .arg(&first.body[..])
+                .clone();
+            self.launch(first);
+            self.expect.push_back(Expect::Publish(1));
+            return Some(cmd);
         };
-        m.sends += 1;
-        self.expect.push_back(Expect::Publish);
-        self.inflight.push_back(m);
+        let mut batch = vec![first];
+        let mut bytes = batch[0].body.len();
+        while let Some(next) = self.waiting.front() {
+            if batch.len() >= BATCH_MESSAGES
+                || bytes + next.body.len() > BATCH_BYTES
+                || self.inflight.len() + batch.len() >= self.max_msgs
+                || next.channel != batch[0].channel
+            {
+                break;
+            }
+            bytes += next.body.len();
+            batch.extend(self.waiting.pop_front());
+        }
+        let items: Vec<(u64, &[u8])> = batch.iter().map(|m| (m.seq, &m.body[..])).collect();
+        let cmd = h.publish(sha, &batch[0].channel, &items);
+        self.expect.push_back(Expect::Publish(batch.len()));
+        for m in batch {
+            self.launch(m);
+        }
         Some(cmd)
+    }
+
+    fn launch(&mut self, mut m: Outgoing) {
+        m.sends += 1;
+        self.inflight.push_back(m);
     }
 
     /// A periodic PING was written on the publish link.
@@ -199,7 +233,7 @@ impl Outbox {
     /// longer knows what answers what and must be dropped.
     pub fn on_reply(&mut self, v: Value) -> Result<Reply, String> {
         match self.expect.pop_front() {
-            Some(Expect::Publish) => {
+            Some(Expect::Publish(n)) => {
                 let reply = match v {
                     Value::Int(_) => Reply::Published,
                     Value::ServerError(e) if e.code() == "NOSCRIPT" => {
@@ -208,11 +242,13 @@ impl Outbox {
                     Value::ServerError(e) => Reply::Refused(format!("{e:?}")),
                     other => return Err(format!("unexpected PUBLISH reply {other:?}")),
                 };
-                if let Some(out) = self.inflight.pop_front() {
-                    self.bytes -= out.body.len();
-                }
-                if reply == Reply::Published {
-                    self.published += 1;
+                for _ in 0..n {
+                    if let Some(out) = self.inflight.pop_front() {
+                        self.bytes -= out.body.len();
+                        if reply == Reply::Published {
+                            self.published += 1;
+                        }
+                    }
                 }
                 Ok(reply)
             }
@@ -354,6 +390,74 @@ mod tests {
         assert!(o.is_empty() && o.bytes() == 0);
         assert_eq!(o.abandoned, 2);
         assert!(o.send_next().is_none());
+    }
+
+    fn with_scripts() -> Outbox {
+        let mut o = Outbox::new(100, 10_000_000).with_history(History {
+            size: 10,
+            ttl: 60,
+            instance: "i".into(),
+            max_entry: 100,
+        });
+        assert_eq!(o.on_up().len(), 2, "SCRIPT LOAD twice");
+        assert!(
+            !o.can_send() && o.send_next().is_none(),
+            "not before the SHAs"
+        );
+        assert_eq!(
+            o.on_reply(Value::BulkString(b"sha1".to_vec())),
+            Ok(Reply::Nothing)
+        );
+        assert_eq!(
+            o.on_reply(Value::BulkString(b"sha2".to_vec())),
+            Ok(Reply::Loaded)
+        );
+        o
+    }
+
+    #[test]
+    fn a_channels_consecutive_publishes_go_in_one_script_call() {
+        let mut o = with_scripts();
+        for (ch, b) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "4"), ("a", "5")] {
+            o.push(ch.into(), body(b));
+        }
+        let s = sent(&mut o);
+        assert_eq!(s.len(), 3, "a×3, b, a: {s:?}");
+        assert!(s[0].contains("EVALSHA") && s[0].contains("sha1"));
+        assert!(s[0].contains("\r\n$1\r\n3\r\n"), "n = 3: {}", s[0]);
+        // One reply acknowledges the whole batch.
+        assert_eq!(o.on_reply(Value::Int(3)), Ok(Reply::Published));
+        assert_eq!((o.len(), o.published), (2, 3));
+        // Lost with the link: re-sent in order, with their own sequence numbers.
+        o.on_down();
+        let mut o2 = o;
+        o2.on_up();
+        o2.on_reply(Value::BulkString(b"s".to_vec())).expect("load");
+        o2.on_reply(Value::BulkString(b"r".to_vec())).expect("load");
+        let s = sent(&mut o2);
+        assert_eq!(s.len(), 2);
+        assert!(
+            s[0].contains("$1\r\n4\r\n$1\r\n4\r\n"),
+            "seq 4, body 4: {}",
+            s[0]
+        );
+        let refused = redis::parse_redis_value(b"-NOSCRIPT gone\r\n").expect("error");
+        assert!(o2.on_reply(refused).is_err(), "NOSCRIPT ends the link");
+    }
+
+    #[test]
+    fn batches_are_bounded() {
+        let mut o = with_scripts();
+        for i in 0..(BATCH_MESSAGES + 1) {
+            o.push("a".into(), body(&format!("{i}")));
+        }
+        assert_eq!(sent(&mut o).len(), 2, "{BATCH_MESSAGES} then 1");
+        let mut o = with_scripts();
+        let big = "x".repeat(BATCH_BYTES / 2 - 10);
+        for _ in 0..3 {
+            o.push("a".into(), body(&big));
+        }
+        assert_eq!(sent(&mut o).len(), 2, "by bytes: 2 + 1");
     }
 
     #[test]

@@ -165,7 +165,8 @@ impl Server {
         info!("listening on {} mode={}", self.local_addr, mode);
         info!(
             "limits: max_connections={} max_message_size={} max_outbound_bytes={} handshake_timeout={:?} \
-             ping_interval={:?} max_messages_per_sec={} max_messages_burst={} redis_buffer_messages={} redis_buffer_bytes={}",
+             ping_interval={:?} max_messages_per_sec={} max_messages_burst={} redis_buffer_messages={} redis_buffer_bytes={} \
+             history_size={} history_ttl={:?} history_hold_bytes={} history_memory_bytes={}",
             self.cfg.max_connections,
             self.cfg.max_message_size,
             self.cfg.max_outbound_bytes,
@@ -175,6 +176,10 @@ impl Server {
             self.cfg.max_messages_burst,
             self.cfg.redis_buffer_messages,
             self.cfg.redis_buffer_bytes,
+            self.cfg.history_size,
+            self.cfg.history_ttl,
+            self.cfg.history_hold_bytes,
+            self.cfg.history_memory_bytes,
         );
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut now = Instant::now();
