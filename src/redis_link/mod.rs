@@ -247,7 +247,7 @@ impl RedisLink {
             self.drops_seen = self.outbox.dropped;
             if log_due(&mut self.last_drop_log) {
                 warn!(
-                    "redis outage buffer full: dropping oldest messages ({} dropped so far)",
+                    "redis publish buffer full (Redis unreachable, or slower than the publishers): dropping oldest messages ({} dropped so far)",
                     self.outbox.dropped
                 );
             }
