@@ -84,6 +84,18 @@ pub trait Backplane {
     fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes);
     /// Whether a publish now would have to drop a buffered message (publish API → 503).
     fn is_full(&self, bytes: usize) -> bool;
+    /// How many bytes of client input the loop may read now without the publishes in
+    /// them overflowing the backplane's buffer (`None`: no limit — standalone, or an
+    /// outage, where the buffer's drop-oldest rule applies). Below one frame's worth the
+    /// loop stops reading clients until [`Backplane::backlogged`] clears, so TCP slows
+    /// the publishers down instead of the buffer dropping their messages.
+    fn intake_room(&self) -> Option<usize> {
+        None
+    }
+    /// Still working through a backlog (reads stay paused until this is false).
+    fn backlogged(&self) -> bool {
+        false
+    }
     /// Moves pending events into `out`.
     fn drain(&mut self, out: &mut Vec<BusEvent>);
     /// `Ok` while a publish and a subscribe would work now; otherwise why not (for

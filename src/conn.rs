@@ -108,6 +108,9 @@ pub struct Conn {
     pub in_flush_list: bool,
     /// Already in the loop's re-read list (read budget spent, input left).
     pub in_reread_list: bool,
+    /// In the loop's paused list: not read while the backplane is backlogged (its input
+    /// waits in the kernel, and TCP slows the client down).
+    pub in_paused_list: bool,
     /// Found over its output cap during this iteration's fan-out: closed right after
     /// it, and nothing more is queued to it until then.
     pub slow: bool,
@@ -141,6 +144,7 @@ impl Conn {
             want_write: false,
             in_flush_list: false,
             in_reread_list: false,
+            in_paused_list: false,
             slow: false,
             write_shut: false,
             deadline: None,

@@ -568,3 +568,39 @@ fn a_quiet_channel_loses_nothing_when_its_link_drops() {
     assert_eq!(recv_text(&mut b0), "back");
     assert_eq!(a.metric("wsfan_history_repaired_total"), 3.0);
 }
+
+/// Publishes faster than Redis runs the history script: the instance stops reading
+/// the publisher while half its publish buffer is in use, so TCP slows the client down
+/// and nothing is dropped, though the buffer is far smaller than the burst.
+#[test]
+fn a_burst_faster_than_redis_is_slowed_down_not_dropped() {
+    let redis = Redis::start();
+    let a = instance(
+        &redis,
+        &[
+            "--redis-buffer-messages",
+            "100",
+            "--max-messages-per-sec",
+            "1000000",
+            "--max-messages-burst",
+            "1000000",
+        ],
+    );
+    let mut c = connect(&a.url("/ws/fast"));
+    let mut other = connect(&a.url("/ws/other"));
+    for i in 0..3000 {
+        send_text(&mut c, &format!("fast {i}"));
+        if i % 1000 == 0 {
+            // A different channel in between: batches break there.
+            send_text(&mut other, &format!("other {i}"));
+        }
+    }
+    for i in 0..3000 {
+        assert_eq!(recv_text(&mut c), format!("fast {i}"));
+    }
+    for i in [0, 1000, 2000] {
+        assert_eq!(recv_text(&mut other), format!("other {i}"));
+    }
+    assert_eq!(a.metric("wsfan_redis_buffer_dropped_total"), 0.0);
+    assert!(a.metric("wsfan_redis_buffer_messages") <= 100.0);
+}

@@ -99,6 +99,10 @@ pub struct Settings {
     pub hold_bytes: usize,
 }
 
+/// The smallest client frame (2-byte header + 4-byte mask, empty payload): a read of
+/// N bytes carries at most N / 6 messages.
+const MIN_CLIENT_FRAME: usize = 6;
+
 /// Room for the position in front of a payload (`0x00 'h' <offset>:<epoch>:`).
 const POSITION_ROOM: usize = 64;
 
@@ -242,6 +246,14 @@ impl RedisLink {
         }
     }
 
+    /// Both links proven and every channel confirmed: publishes are flowing.
+    fn flowing(&self) -> bool {
+        self.publ.health.is_up()
+            && self.sub.health.is_up()
+            && self.subs.all_confirmed()
+            && self.outbox.can_send()
+    }
+
     fn log_drops(&mut self) {
         if self.outbox.dropped > self.drops_seen {
             self.drops_seen = self.outbox.dropped;
@@ -288,6 +300,21 @@ impl Backplane for RedisLink {
         let flowing =
             self.publ.health.is_up() && self.sub.health.is_up() && self.subs.all_confirmed();
         self.outbox.over_limit(extra) && !flowing
+    }
+
+    /// While the links work, client input is read only as far as the publishes in it
+    /// fit the outbox: a masked client frame is at least `MIN_CLIENT_FRAME` bytes, and
+    /// carries at most its own length in payload.
+    fn intake_room(&self) -> Option<usize> {
+        if !self.flowing() {
+            return None;
+        }
+        let (msgs, bytes) = self.outbox.room();
+        Some(msgs.saturating_mul(MIN_CLIENT_FRAME).min(bytes))
+    }
+
+    fn backlogged(&self) -> bool {
+        self.flowing() && self.outbox.half_full()
     }
 
     fn drain(&mut self, out: &mut Vec<BusEvent>) {

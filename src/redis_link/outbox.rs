@@ -170,6 +170,19 @@ impl Outbox {
         dropped
     }
 
+    /// Messages and bytes that fit before a limit.
+    pub fn room(&self) -> (usize, usize) {
+        (
+            self.max_msgs.saturating_sub(self.len()),
+            self.max_bytes.saturating_sub(self.bytes),
+        )
+    }
+
+    /// Half the message or byte limit is in use (paused client reads resume below).
+    pub fn half_full(&self) -> bool {
+        self.len() * 2 >= self.max_msgs || self.bytes * 2 >= self.max_bytes
+    }
+
     /// Whether `extra` more bytes would go over a limit.
     pub fn over_limit(&self, extra: usize) -> bool {
         self.len() + 1 > self.max_msgs || self.bytes + extra > self.max_bytes

@@ -76,6 +76,9 @@ pub struct Server {
     flush_list: Vec<ConnId>,
     /// Connections that hit the read budget and still have input waiting.
     reread: Vec<ConnId>,
+    /// Connections not read while the backplane is backlogged (each once:
+    /// `Conn::in_paused_list`); read again when it is not.
+    paused: Vec<ConnId>,
     /// Connections found over `max_outbound_bytes` during a fan-out.
     slow: Vec<ConnId>,
     /// Deadlines: (when, slab key, serial). Stale entries are skipped when they fire.
@@ -131,6 +134,7 @@ impl Server {
             scratch: vec![0; SCRATCH_BYTES],
             flush_list: Vec::new(),
             reread: Vec::new(),
+            paused: Vec::new(),
             slow: Vec::new(),
             timers: BinaryHeap::new(),
             next_serial: 0,
@@ -214,6 +218,7 @@ impl Server {
 
     /// Everything after readiness handling: one pass, in a fixed order.
     fn iterate(&mut self, now: Instant) {
+        self.resume_paused(now);
         for id in std::mem::take(&mut self.reread) {
             if let Some(c) = self.conns.get_mut(id.0) {
                 c.in_reread_list = false;

@@ -10,6 +10,10 @@ use log::{debug, warn};
 use mio::net::TcpStream;
 use mio::{Interest as Ready, Token};
 use std::io::{self, Read};
+
+/// The smallest client frame (2-byte header, 4-byte mask): with less room than this for
+/// client input, the backplane is backlogged and reads pause.
+const MIN_FRAME: usize = 6;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,7 +34,19 @@ impl Server {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut budget = READ_BUDGET;
         while let Some(c) = self.conns.get_mut(id.0) {
-            match c.stream.read(&mut scratch) {
+            // Read only as much as the backplane can take; below one frame, Redis is
+            // behind the publishers: leave the input in the kernel and come back once
+            // it has caught up (`resume_paused`).
+            let room = self.bus.intake_room().unwrap_or(usize::MAX);
+            if room < MIN_FRAME || c.in_paused_list {
+                if !c.in_paused_list {
+                    c.in_paused_list = true;
+                    self.paused.push(id);
+                }
+                break;
+            }
+            let cap = room.min(scratch.len());
+            match c.stream.read(&mut scratch[..cap]) {
                 Ok(0) => {
                     self.on_eof(id);
                     break;
@@ -60,6 +76,22 @@ impl Server {
             }
         }
         self.scratch = scratch;
+    }
+
+    /// Reads the connections paused while the backplane was backlogged, once it is not.
+    pub(super) fn resume_paused(&mut self, now: Instant) {
+        if self.paused.is_empty() || self.bus.backlogged() {
+            return;
+        }
+        let paused = std::mem::take(&mut self.paused);
+        for &id in &paused {
+            if let Some(c) = self.conns.get_mut(id.0) {
+                c.in_paused_list = false;
+            }
+        }
+        for id in paused {
+            self.on_readable(id, now);
+        }
     }
 
     pub(super) fn on_eof(&mut self, id: ConnId) {
