@@ -296,10 +296,10 @@ impl Backplane for RedisLink {
         self.log_drops();
     }
 
+    /// Over the limit while flowing too: with backpressure, WebSocket publishers wait
+    /// for room, and the publish API answers 503 rather than drop a buffered message.
     fn is_full(&self, extra: usize) -> bool {
-        let flowing =
-            self.publ.health.is_up() && self.sub.health.is_up() && self.subs.all_confirmed();
-        self.outbox.over_limit(extra) && !flowing
+        self.outbox.over_limit(extra)
     }
 
     /// While the links work, client input is read only as far as the publishes in it

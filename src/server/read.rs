@@ -37,7 +37,12 @@ impl Server {
             // Read only as much as the backplane can take; below one frame, Redis is
             // behind the publishers: leave the input in the kernel and come back once
             // it has caught up (`resume_paused`).
-            let room = self.bus.intake_room().unwrap_or(usize::MAX);
+            // Only WebSocket messages are publishes: HTTP requests (health checks,
+            // metrics, the publish API with its own 503) are read as always.
+            let room = match c.phase {
+                Phase::Open => self.bus.intake_room().unwrap_or(usize::MAX),
+                _ => usize::MAX,
+            };
             if room < MIN_FRAME || c.in_paused_list {
                 if !c.in_paused_list {
                     c.in_paused_list = true;
@@ -83,15 +88,32 @@ impl Server {
         if self.paused.is_empty() || self.bus.backlogged() {
             return;
         }
-        let paused = std::mem::take(&mut self.paused);
+        let mut paused = std::mem::take(&mut self.paused);
         for &id in &paused {
             if let Some(c) = self.conns.get_mut(id.0) {
                 c.in_paused_list = false;
             }
         }
-        for id in paused {
+        let mut done = 0;
+        for &id in &paused {
+            if self.bus.intake_room().is_some_and(|r| r < MIN_FRAME) {
+                break;
+            }
             self.on_readable(id, now);
+            done += 1;
         }
+        // Those whose turn did not come go first next time (paused again in order),
+        // ahead of those that read and were paused again: no connection starves.
+        let again = std::mem::take(&mut self.paused); // flagged by on_readable
+        for id in paused.split_off(done) {
+            if let Some(c) = self.conns.get_mut(id.0) {
+                if !c.in_paused_list {
+                    c.in_paused_list = true;
+                    self.paused.push(id);
+                }
+            }
+        }
+        self.paused.extend(again);
     }
 
     pub(super) fn on_eof(&mut self, id: ConnId) {
