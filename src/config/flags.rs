@@ -192,7 +192,7 @@ pub const FLAGS: &[Flag] = &[
         name: "redis-buffer-messages",
         hint: "N",
         default: Dflt::Value("10000"),
-        help: "publishes kept while Redis is unreachable (oldest dropped beyond)",
+        help: "publishes buffered for Redis: in an outage the oldest are dropped beyond it; while Redis works, clients wait (backpressure)",
         set: |c, n, v| {
             c.redis_buffer_messages = positive(n, v)?;
             Ok(())
@@ -202,7 +202,7 @@ pub const FLAGS: &[Flag] = &[
         name: "redis-buffer-bytes",
         hint: "BYTES",
         default: Dflt::Value("16777216"),
-        help: "bytes kept while Redis is unreachable",
+        help: "bytes buffered for Redis (same rules as --redis-buffer-messages)",
         set: |c, n, v| {
             c.redis_buffer_bytes = positive(n, v)?;
             Ok(())
