@@ -304,13 +304,23 @@ impl Backplane for RedisLink {
 
     /// While the links work, client input is read only as far as the publishes in it
     /// fit the outbox: a masked client frame is at least `MIN_CLIENT_FRAME` bytes, and
-    /// carries at most its own length in payload.
+    /// carries at most its own length in payload. One message of room is held back for
+    /// a frame that a connection had half read before (it completes with this read).
+    /// An empty outbox always allows one frame, so reading never stops for good.
     fn intake_room(&self) -> Option<usize> {
         if !self.flowing() {
             return None;
         }
         let (msgs, bytes) = self.outbox.room();
-        Some(msgs.saturating_mul(MIN_CLIENT_FRAME).min(bytes))
+        let room = msgs
+            .saturating_sub(1)
+            .saturating_mul(MIN_CLIENT_FRAME)
+            .min(bytes.saturating_sub(self.max_payload + 2));
+        Some(if self.outbox.is_empty() {
+            room.max(MIN_CLIENT_FRAME)
+        } else {
+            room
+        })
     }
 
     fn backlogged(&self) -> bool {
