@@ -399,8 +399,8 @@ fn subscription_link_is_drained_fast_enough_for_a_strict_redis_output_limit() {
 fn publishes_in_flight_when_redis_dies_are_sent_again_in_order() {
     // Redis is paused for writes, so wsfan's PUBLISHes sit unanswered (in flight); then
     // Redis is killed. wsfan must re-send them after the restart, before newer ones.
-    // (A PUBLISH that Redis already executed but whose subscriber copy it had not yet
-    // written when it died is lost: Pub/Sub is at-most-once, see README.)
+    // (Redis runs without persistence here: a publish it had applied but not yet
+    // written to subscribers when it died is lost with its data — README, History.)
     let mut redis = Redis::start();
     let a = instance(&redis, &["--redis-backoff-max", "0.3"]);
     let mut rx = connect(&a.url("/ws/stream"));
