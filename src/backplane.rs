@@ -43,6 +43,8 @@ pub struct BusStats {
     pub publish_abandoned: u64,
     /// Connect attempts that failed before the link came up.
     pub connect_failures: u64,
+    /// Publishes Redis refused for good, by `redis_link::outbox::Refused` reason.
+    pub publish_refused: [u64; 4],
     /// History and gap repair (Redis with history on).
     pub history: HistoryStats,
     /// Bytes of live messages held while gaps are read.
@@ -68,6 +70,18 @@ pub struct HistoryStats {
     pub hold_overflows: u64,
     /// Messages larger than `--max-message-size` (not delivered).
     pub oversize: u64,
+    /// Live messages whose claimed position history did not confirm (a forged
+    /// envelope, or one of a history Redis no longer has): dropped, never delivered.
+    pub unconfirmed: u64,
+    /// History reads Redis refused (or answered with nonsense) for one channel.
+    pub read_refused: u64,
+    /// Held live copies that differed from history's entry at their offset (history's
+    /// was delivered): a forged claim of an offset before the real message arrived.
+    pub conflicts: u64,
+    /// Dedupe values beyond anything the instance sent, overwritten (not "applied").
+    pub corrupt_dedupe: u64,
+    /// Meta hashes wsfan did not write (bad epoch or top), replaced by a new epoch.
+    pub corrupt_meta: u64,
 }
 
 /// What the loop needs from a backplane. Every method returns at once: no blocking

@@ -22,6 +22,7 @@
 //! as above. [`split_position`] takes it off again; a payload without it (a foreign
 //! `PUBLISH`, or `--history-size 0`) is delivered with no position.
 
+use crate::message::{Epoch, StreamPosition};
 use crate::ws::Kind;
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -30,40 +31,35 @@ const TEXT: u8 = b't';
 const BINARY: u8 = b'b';
 const POSITIONED: u8 = b'h';
 
-/// A message's place in its channel's history: the epoch (which history) and the
-/// offset in it (1, 2, 3…).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub offset: u64,
-    pub epoch: Bytes,
-}
-
 /// Splits `0x00 'h' <offset> ':' <epoch> ':' body` into the position and the body.
-/// `None`: no position (plain Pub/Sub payload), or a malformed one.
-pub fn split_position(raw: &Bytes) -> Option<(Position, Bytes)> {
+/// `None`: no position (plain Pub/Sub payload), or a malformed one (offset 0 or not a
+/// number, not an [`Epoch`]). A position here is only a *claim*: anyone who may PUBLISH
+/// can write one; gap repair believes it only once history confirms it.
+pub fn split_position(raw: &Bytes) -> Option<(StreamPosition, Bytes)> {
     let rest = raw.strip_prefix(&[MARK, POSITIONED])?;
     let colon = rest.iter().position(|&b| b == b':')?;
-    let offset = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+    let offset: u64 = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+    if offset == 0 || rest[0] == b'+' {
+        return None;
+    }
     let after = &rest[colon + 1..];
     let colon2 = after.iter().position(|&b| b == b':')?;
     let start = 2 + colon + 1;
+    let epoch = Epoch::new(raw.slice(start..start + colon2))?;
     Some((
-        Position {
-            offset,
-            epoch: raw.slice(start..start + colon2),
-        },
+        StreamPosition::new(epoch, offset),
         raw.slice(start + colon2 + 1..),
     ))
 }
 
 /// The positioned payload the publish script sends (for tests and tools).
-pub fn positioned(pos: &Position, body: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(body.len() + pos.epoch.len() + 24);
+pub fn positioned(pos: &StreamPosition, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(body.len() + pos.epoch.as_bytes().len() + 24);
     b.put_u8(MARK);
     b.put_u8(POSITIONED);
     b.put_slice(pos.offset.to_string().as_bytes());
     b.put_u8(b':');
-    b.put_slice(&pos.epoch);
+    b.put_slice(pos.epoch.as_bytes());
     b.put_u8(b':');
     b.put_slice(body);
     b.freeze()
@@ -126,10 +122,7 @@ mod tests {
 
     #[test]
     fn positions_split_off_and_the_rest_decodes_as_before() {
-        let pos = Position {
-            offset: 42,
-            epoch: Bytes::from_static(b"k3x9"),
-        };
+        let pos = StreamPosition::new(Epoch::from_static("k3x9"), 42);
         for (kind, p) in [(Kind::Text, &b"hi:there"[..]), (Kind::Binary, b"\0b\xff")] {
             let body = encode(kind, &Bytes::copy_from_slice(p));
             let raw = positioned(&pos, &body);
@@ -144,14 +137,22 @@ mod tests {
             b"\0h1:e",
             b"\0t1:e:x",
             b"",
+            b"\0h0:e:x",
+            b"\0h+1:e:x",
+            b"\0h1::x",
+            b"\0h1:E:x",
+            b"\0h1:a b:x",
         ] {
             assert!(
                 split_position(&Bytes::copy_from_slice(plain)).is_none(),
                 "{plain:?}"
             );
         }
-        let (p, rest) = split_position(&Bytes::from_static(b"\0h7::")).expect("empty epoch/body");
-        assert_eq!((p.offset, &p.epoch[..], &rest[..]), (7, &b""[..], &b""[..]));
+        let (p, rest) = split_position(&Bytes::from_static(b"\0h7:e:")).expect("empty body");
+        assert_eq!(
+            (p.offset, p.epoch.as_bytes(), &rest[..]),
+            (7, &b"e"[..], &b""[..])
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! | [`token`]        | reserved poll tokens, the backplane's range among them (leaf)   |
 //! | [`conn`]         | one connection's state and phases                               |
 //! | [`hub`]          | sans-IO channel registry (channel ⇄ connections)                 |
+//! | [`message`]      | `Epoch`, `StreamPosition`: a message's place in history (leaf)  |
 //! | [`envelope`]     | how a message's kind travels inside a Redis payload             |
 //! | [`ws`]           | sans-IO WebSocket frame decoding and server frame encoding      |
 //! | [`http`]         | sans-IO HTTP request heads and responses                         |
@@ -47,6 +48,7 @@ pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod mem_history;
+pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod outq;

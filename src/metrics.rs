@@ -102,7 +102,7 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
-        let plain: [(&str, &str, &str, u64); 25] = [
+        let plain: [(&str, &str, &str, u64); 30] = [
             (
                 "wsfan_connections",
                 "gauge",
@@ -236,6 +236,36 @@ impl Metrics {
                 bus.history.hold_overflows,
             ),
             (
+                "wsfan_history_unconfirmed_total",
+                "counter",
+                "Live messages whose claimed position history did not confirm (forged, or of a lost history): dropped.",
+                bus.history.unconfirmed,
+            ),
+            (
+                "wsfan_history_read_refused_total",
+                "counter",
+                "History reads Redis refused or answered with nonsense (one channel each).",
+                bus.history.read_refused,
+            ),
+            (
+                "wsfan_history_conflicts_total",
+                "counter",
+                "Held live copies that differed from history at their offset (history's was delivered).",
+                bus.history.conflicts,
+            ),
+            (
+                "wsfan_history_corrupt_dedupe_total",
+                "counter",
+                "Dedupe values beyond anything this instance sent, overwritten.",
+                bus.history.corrupt_dedupe,
+            ),
+            (
+                "wsfan_history_corrupt_meta_total",
+                "counter",
+                "History meta hashes wsfan did not write, replaced by a new epoch.",
+                bus.history.corrupt_meta,
+            ),
+            (
                 "wsfan_history_held_bytes",
                 "gauge",
                 "Bytes of live messages held while gaps are read.",
@@ -267,6 +297,14 @@ impl Metrics {
             "wsfan_handshake_rejections_total",
             "Requests and upgrades refused, by reason.",
             &rejections,
+        );
+        let refused = crate::redis_link::outbox::Refused::ALL
+            .map(|r| (r.label(), bus.publish_refused[r as usize]));
+        labeled(
+            &mut s,
+            "wsfan_redis_publish_refused_total",
+            "Publishes Redis refused for good (not retried), by reason.",
+            &refused,
         );
         let disconnects = Reason::ALL.map(|r| (r.label(), self.disconnects[r as usize]));
         labeled(

@@ -503,7 +503,7 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
     let mut r = redis.conn();
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(history::PUBLISH_SCRIPT)
+        .arg(history::publish_script())
         .query(&mut r)
         .expect("SCRIPT LOAD");
     let h = History {
@@ -515,7 +515,7 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
     let mut p = redis::pipe();
     for i in 1..=2000u64 {
         let body = format!("burst {i:04} padded to some length");
-        p.add_command(h.publish(&sha, "burst", &[(i, body.as_bytes())]))
+        p.add_command(h.publish(&sha, "burst", 2000, &[(i, body.as_bytes())]))
             .ignore();
     }
     let _: () = p.query(&mut r).expect("pipeline");
@@ -603,6 +603,51 @@ fn a_burst_faster_than_redis_is_slowed_down_not_dropped() {
     }
     assert_eq!(a.metric("wsfan_redis_buffer_dropped_total"), 0.0);
     assert!(a.metric("wsfan_redis_buffer_messages") <= 100.0);
+}
+
+/// A client whose input is paused by backpressure cannot have its pongs read: it is
+/// not cut for keepalive silence meanwhile (Redis holds writes for many ping periods).
+#[test]
+fn a_client_paused_by_backpressure_is_not_cut_for_its_unread_pongs() {
+    let redis = Redis::start();
+    let a = Wsfan::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-buffer-messages",
+        "50",
+        "--max-messages-per-sec",
+        "1000000",
+        "--max-messages-burst",
+        "1000000",
+        "--ping-interval",
+        "0.2",
+        "--redis-ping-interval",
+        "1",
+        "--redis-timeout",
+        "10",
+    ]);
+    eventually(10.0, "ready", || a.status("/readyz") == 200);
+    let mut c = connect(&a.url("/ws/paused"));
+    send_text(&mut c, "first");
+    assert_eq!(recv_text(&mut c), "first");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .expect("CLIENT PAUSE");
+    for i in 0..500 {
+        send_text(&mut c, &format!("held {i}"));
+    }
+    // The client reads (and so answers pings) while Redis holds the writes.
+    for i in 0..500 {
+        assert_eq!(recv_text(&mut c), format!("held {i}"));
+    }
+    assert_eq!(
+        a.metric("wsfan_disconnects_total{reason=\"ping_timeout\"}"),
+        0.0
+    );
+    assert_eq!(a.metric("wsfan_redis_buffer_dropped_total"), 0.0);
 }
 
 /// The same with large messages through a byte-limited buffer: frames read in parts

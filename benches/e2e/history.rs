@@ -27,7 +27,7 @@ pub fn history(n: usize, gap: usize) {
     let mut conn = redis.conn();
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(history::PUBLISH_SCRIPT)
+        .arg(history::publish_script())
         .query(&mut conn)
         .expect("SCRIPT LOAD");
     let body = [b'x'; 64];
@@ -41,7 +41,7 @@ pub fn history(n: usize, gap: usize) {
         max_entry: 65_538,
     };
     let scripted = pipelined(&mut conn, n, &|k| {
-        h.publish(&sha, "bench", &[(k as u64 + 1, &body[..])])
+        h.publish(&sha, "bench", 1 << 50, &[(k as u64 + 1, &body[..])])
     });
     // Batches of 16 (the outbox groups a busy channel's publishes like this).
     let batched = 16.0
@@ -49,7 +49,7 @@ pub fn history(n: usize, gap: usize) {
             let items: Vec<(u64, &[u8])> = (0..16)
                 .map(|i| ((n + k * 16 + i) as u64 + 1, &body[..]))
                 .collect();
-            h.publish(&sha, "bench", &items)
+            h.publish(&sha, "bench", 1 << 50, &items)
         });
     report!(
         "history: one Redis, 64-byte messages, pipelines of 1,000 calls: PUBLISH {:.0}/s; history script, one message per call {:.0}/s ({:.1}x fewer), 16 per call {:.0}/s ({:.1}x fewer)",

@@ -4,104 +4,175 @@
 //! For Redis channel `C` (prefix included), all keys share the hash tag `{C}`, so a
 //! later Redis Cluster keeps a channel's keys (and its shard channel) in one slot:
 //!
-//! | key            | type   | holds                                                |
-//! |----------------|--------|------------------------------------------------------|
-//! | `{C}:m`        | hash   | `e` the epoch, `s` the top offset                    |
-//! | `{C}:s`        | stream | entry id `<offset>-0`, field `d` = the payload       |
-//! | `{C}:p:<inst>` | string | the last publish sequence number of one instance     |
+//! | key      | type   | holds                                                          |
+//! |----------|--------|----------------------------------------------------------------|
+//! | `{C}:m`  | hash   | `e` the epoch, `s` the top offset, `p:<inst>` = `<seq>:<time>` |
+//! | `{C}:s`  | stream | entry id `<offset>-0`, field `d` = the payload                 |
 //!
-//! All three expire after `--history-ttl` seconds without a publish. The stream keeps
-//! at least `--history-size` entries and at most one stream node (100 entries by
-//! default) more: `MAXLEN ~` trims whole nodes, which costs Redis 19 µs per publish
-//! where an exact trim costs 27 µs (`INFO commandstats`, 10,000-entry streams). A
-//! vanished meta hash starts a new epoch (and clears a stream left behind).
+//! Both expire after `--history-ttl` seconds without a publish *by any instance*. The
+//! stream keeps at least `--history-size` entries and at most one stream node (100
+//! entries by default) more: `MAXLEN ~` trims whole nodes, which costs Redis 19 µs per
+//! publish where an exact trim costs 27 µs (`INFO commandstats`, 10,000-entry streams).
 //!
 //! The publish script is one atomic step: drop a re-sent publish already applied
-//! (instance id + sequence number, so a publish sent again after a lost reply is not
-//! stored and delivered twice), append, trim, refresh the TTL and PUBLISH the payload
-//! with its position in front (`envelope::split_position`).
+//! (`p:<inst>` = the last sequence number this instance got applied, so a publish sent
+//! again after a lost reply is not stored and delivered twice; it lives in the meta
+//! hash, so it lasts as long as the channel's history, whoever keeps that alive), append,
+//! trim, refresh the TTL and PUBLISH the payload with its position in front
+//! (`envelope::split_position`). Everything in the keys is input that may be wrong (a
+//! neighbour app, an operator, a tamperer), so the script checks it first:
+//! * a dedupe value beyond anything this instance ever sent is corrupt: ignored,
+//!   overwritten and reported (bit 1 of the reply's flags), never "already applied";
+//! * a meta hash whose epoch or top is not what wsfan writes starts a new epoch
+//!   (bit 2): the history began again, and readers count it as a reset;
+//! * a stream whose last entry is at or past the top (offsets reused) moves the top past
+//!   it (bit 2), so `XADD` never fails half-way through a batch.
 //!
-//! The read script returns the epoch, the top offset and the entries from an offset,
-//! bounded by count and bytes — or from the start when the epoch is not the one the
-//! caller knows. That is also what a reconnecting client will ask for ("everything
-//! after offset N of epoch E").
+//! Dedupe fields of instances silent for longer than the TTL are pruned when the hash
+//! holds more than `DEDUPE_FIELDS` of them. Writes come after every read, so a refusal
+//! (`READONLY`, `OOM`, `WRONGTYPE`) happens before anything is written.
+//!
+//! The read script returns the epoch, the top offset, how far it looked and the entries
+//! from an offset — or from the start when the epoch is not the one the caller knows.
+//! It costs Redis in proportion to what it returns: `XRANGE … COUNT k` in a loop, `k`
+//! sized from the bytes left and the entries seen so far, never materialising much
+//! beyond its byte budget. Entries larger than the caller's limit are skipped and
+//! looked past (the reply's `next` says how far), so a read always progresses. A
+//! corrupt meta hash is refused (`-BADMETA`) for that channel only. That is also what a
+//! reconnecting client will ask for ("everything after offset N of epoch E").
 
-use super::positions::{Range, ReadReq};
+use super::positions::{Range, ReadReq, Stream};
+use crate::message::Epoch;
 use bytes::Bytes;
 use redis::Value;
 
-/// KEYS: meta, stream, dedupe. ARGV: channel, size, ttl, n, then n pairs of sequence
-/// number and payload (one channel's publishes, in order). Publishes whose sequence
-/// number the dedupe key has already seen (a re-send) are skipped; the rest get the next
-/// offsets, are appended and PUBLISHed. Returns the top offset, or 0 when all were
-/// re-sends already applied.
+/// KEYS: meta, stream. ARGV: channel, size, ttl, n, instance, the highest sequence
+/// number this instance ever gave out, then n pairs of sequence number and payload (one
+/// channel's publishes, in order). Returns `{top, flags}` (top 0: all were re-sends
+/// already applied; flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began
+/// again).
 pub const PUBLISH_SCRIPT: &str = r#"
-local seen = tonumber(redis.call('GET', KEYS[3]) or '0')
+local meta, stream = KEYS[1], KEYS[2]
 local n = tonumber(ARGV[4])
+local field = 'p:' .. ARGV[5]
+local maxseq = tonumber(ARGV[6])
+local m = redis.call('HMGET', meta, 'e', 's', field)
+local flags = 0
+local seen = 0
+if m[3] then
+  seen = tonumber(string.match(m[3], '^(%d+):'))
+  if not seen or seen > maxseq then seen = 0; flags = 1 end
+end
 local fresh = 0
 for i = 1, n do
-  if tonumber(ARGV[3 + 2 * i]) > seen then fresh = fresh + 1 end
+  if tonumber(ARGV[5 + 2 * i]) > seen then fresh = fresh + 1 end
 end
-if fresh == 0 then return 0 end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
-  redis.call('HSET', KEYS[1], 'e', epoch)
-  redis.call('DEL', KEYS[2])
+if fresh == 0 then return {0, flags} end
+local epoch, top = m[1], tonumber(m[2] or '0')
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+if not epoch or #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$')
+   or not top or top < 0 or top ~= math.floor(top) or top > 9007199254740000 then
+  if epoch or m[2] then flags = flags + 2 end
+  epoch = string.format('%08x%05x', now, tonumber(t[2]))
+  redis.call('DEL', meta, stream)
+  top = 0
+else
+  local tail = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if tail[1] then
+    local o = tonumber(string.match(tail[1][1], '^(%d+)'))
+    if o and o >= top + 1 then top = o; flags = bit.bor(flags, 2) end
+  end
 end
-local top = redis.call('HINCRBY', KEYS[1], 's', fresh)
-local off = top - fresh
+local off = top
 local last = seen
 for i = 1, n do
-  local seq = tonumber(ARGV[3 + 2 * i])
+  local seq = tonumber(ARGV[5 + 2 * i])
   if seq > seen then
     off = off + 1
-    local body = ARGV[4 + 2 * i]
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+    local body = ARGV[6 + 2 * i]
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
     redis.call('PUBLISH', ARGV[1], '\0h' .. off .. ':' .. epoch .. ':' .. body)
     last = seq
   end
 end
-redis.call('SET', KEYS[3], last, 'EX', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return top
-"#;
-
-/// KEYS: meta, stream. ARGV: epoch known, first offset, max entries, max bytes, max
-/// entry bytes. Returns `{epoch or nil, top, offset, payload, offset, payload, …}`:
-/// no entries for first offset 0 (a position read), else from the first offset if the
-/// epoch matches, else from the start; at least one entry
-/// if any, then as many as fit in max bytes. An entry larger than max entry bytes (not
-/// written by wsfan) is left out.
-pub const READ_SCRIPT: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then return {false, 0} end
-local top = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-if ARGV[2] == '0' then return {epoch, top} end
-local from = ARGV[2] .. '-0'
-if epoch ~= ARGV[1] then from = '-' end
-local r = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', ARGV[3])
-local out = {epoch, top}
-local bytes = 0
-for i, e in ipairs(r) do
-  local data = e[2][2] or ''
-  if #data <= tonumber(ARGV[5]) then
-    if i > 1 and bytes + #data > tonumber(ARGV[4]) then break end
-    bytes = bytes + #data
-    out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
-    out[#out + 1] = data
+if not m[3] and redis.call('HLEN', meta) > DEDUPE_FIELDS then
+  local all = redis.call('HGETALL', meta)
+  for i = 1, #all, 2 do
+    local at = string.match(all[i + 1], ':(%d+)$')
+    if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + tonumber(ARGV[3]) < now) then
+      redis.call('HDEL', meta, all[i])
+    end
   end
 end
-return out
+redis.call('HSET', meta, 'e', epoch, 's', off, field, last .. ':' .. now)
+redis.call('EXPIRE', meta, ARGV[3])
+redis.call('EXPIRE', stream, ARGV[3])
+return {off, flags}
 "#;
 
+/// Dedupe fields a meta hash holds before those of silent instances are pruned.
+pub const DEDUPE_FIELDS: usize = 64;
+
+/// KEYS: meta, stream. ARGV: epoch known, first offset, max entries, max bytes, max
+/// entry bytes. Returns `{epoch or nil, top, next, offset, payload, …}`: no entries for
+/// first offset 0 (a position read), else from the first offset if the epoch matches,
+/// else from the start; at least one entry if any, then as many as fit in max bytes.
+/// Entries larger than max entry bytes (not written by wsfan, or by an instance with a
+/// larger `--max-message-size`) are looked past, not returned. `next`: the first offset
+/// not looked at (`top + 1` when the read reached the end).
+pub const READ_SCRIPT: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'e', 's')
+local epoch, top = m[1], tonumber(m[2] or '0')
+if not epoch then return {false, 0, 0} end
+if #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$') or not top or top < 0
+   or top ~= math.floor(top) or top > 9007199254740000 then
+  return redis.error_reply('BADMETA the history meta hash of this channel is corrupt')
+end
+local from = tonumber(ARGV[2])
+if from == 0 then return {epoch, top, top + 1} end
+if epoch ~= ARGV[1] then from = 1 end
+local maxn, budget, maxentry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local out = {epoch, top, top + 1}
+local kept, bytes, looked, scanned = 0, 0, 0, 0
+local cursor = from .. '-0'
+local count = 1
+while true do
+  local r = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', count)
+  if #r == 0 then return out end
+  for _, e in ipairs(r) do
+    local off = tonumber(string.match(e[1], '^(%d+)'))
+    local data = e[2][2] or ''
+    if kept > 0 and (kept >= maxn or bytes + #data > budget or scanned > 4 * budget) then
+      out[3] = off
+      return out
+    end
+    looked = looked + 1
+    scanned = scanned + #data
+    if #data <= maxentry then
+      kept = kept + 1
+      bytes = bytes + #data
+      out[#out + 1] = off
+      out[#out + 1] = data
+    elseif scanned > 4 * budget then
+      out[3] = off + 1
+      return out
+    end
+    cursor = '(' .. e[1]
+  end
+  count = math.max(1, math.min(64, math.floor((budget - bytes) / (scanned / looked + 1))))
+end
+"#;
 /// Entries one read asks for at most.
 pub const READ_COUNT: usize = 1000;
 /// Payload bytes one read returns at most (beyond its first entry): the reply must fit
 /// the publish link's read buffer (`max_bulk` + 128 KiB) with room for RESP framing.
 pub const READ_BYTES: usize = 64 * 1024;
+
+/// The publish script with its constants filled in.
+pub fn publish_script() -> String {
+    PUBLISH_SCRIPT.replace("DEDUPE_FIELDS", &DEDUPE_FIELDS.to_string())
+}
 
 /// What the publish side needs to call the scripts.
 #[derive(Debug, Clone)]
@@ -143,18 +214,20 @@ pub fn keys(redis_channel: &str) -> (String, String) {
 }
 
 impl History {
-    /// One script call publishing `items` (sequence number, payload) on `ch`, in order.
-    pub fn publish(&self, sha: &str, ch: &str, items: &[(u64, &[u8])]) -> redis::Cmd {
+    /// One script call publishing `items` (sequence number, payload) on `ch`, in order;
+    /// `max_seq`: the highest sequence number this instance ever gave out.
+    pub fn publish(&self, sha: &str, ch: &str, max_seq: u64, items: &[(u64, &[u8])]) -> redis::Cmd {
         let mut c = redis::cmd("EVALSHA");
         c.arg(sha)
-            .arg(3)
+            .arg(2)
             .arg(meta(ch))
             .arg(stream(ch))
-            .arg(format!("{{{ch}}}:p:{}", self.instance))
             .arg(ch)
             .arg(self.size)
             .arg(self.ttl)
-            .arg(items.len());
+            .arg(items.len())
+            .arg(&self.instance)
+            .arg(max_seq);
         for (seq, body) in items {
             c.arg(*seq).arg(*body);
         }
@@ -162,13 +235,14 @@ impl History {
     }
 
     pub fn read(&self, sha: &str, redis_channel: &str, req: &ReadReq) -> redis::Cmd {
+        let (epoch, from) = req.script_args();
         redis::cmd("EVALSHA")
             .arg(sha)
             .arg(2)
             .arg(meta(redis_channel))
             .arg(stream(redis_channel))
-            .arg(&req.epoch[..])
-            .arg(req.from)
+            .arg(epoch)
+            .arg(from)
             .arg(READ_COUNT)
             .arg(READ_BYTES)
             .arg(self.max_entry)
@@ -176,7 +250,21 @@ impl History {
     }
 }
 
-/// Parses the read script's reply.
+/// Parses the publish script's reply: `(top, flags)`.
+pub fn parse_published(v: &Value) -> Option<(u64, u8)> {
+    match v {
+        Value::Array(a) => match a.as_slice() {
+            [Value::Int(top), Value::Int(flags)] if *top >= 0 && (0..4).contains(flags) => {
+                Some((*top as u64, *flags as u8))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Parses the read script's reply. Anything but what the script returns is an error
+/// (for this read only: the link goes on).
 pub fn parse_range(v: Value) -> Result<Range, String> {
     let Value::Array(items) = v else {
         return Err(format!("unexpected history read reply {v:?}"));
@@ -184,27 +272,38 @@ pub fn parse_range(v: Value) -> Result<Range, String> {
     let mut it = items.into_iter();
     let epoch = match it.next() {
         Some(Value::Nil) => None,
-        Some(Value::BulkString(e)) => Some(Bytes::from(e)),
+        Some(Value::BulkString(e)) => match Epoch::new(Bytes::from(e)) {
+            Some(e) => Some(e),
+            None => return Err("history read: not an epoch".to_string()),
+        },
         other => return Err(format!("unexpected epoch {other:?}")),
     };
-    let top = match it.next() {
-        Some(Value::Int(t)) if t >= 0 => t as u64,
-        other => return Err(format!("unexpected top offset {other:?}")),
+    let mut int = |what: &str| match it.next() {
+        Some(Value::Int(t)) if t >= 0 => Ok(t as u64),
+        other => Err(format!("unexpected {what} {other:?}")),
     };
-    let mut entries = Vec::new();
+    let top = int("top offset")?;
+    let next = int("next offset")?;
+    let Some(epoch) = epoch else {
+        return Ok(Range::None);
+    };
+    let mut entries: Vec<(u64, Bytes)> = Vec::new();
     while let Some(off) = it.next() {
         match (off, it.next()) {
-            (Value::Int(o), Some(Value::BulkString(d))) if o > 0 => {
+            (Value::Int(o), Some(Value::BulkString(d)))
+                if o > 0 && entries.last().is_none_or(|(p, _)| (o as u64) > *p) =>
+            {
                 entries.push((o as u64, Bytes::from(d)))
             }
             (o, d) => return Err(format!("unexpected history entry {o:?} {d:?}")),
         }
     }
-    Ok(Range {
+    Ok(Range::At(Stream {
         epoch,
         top,
+        next,
         entries,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -220,26 +319,58 @@ mod tests {
         let r = parse_range(Value::Array(vec![
             bulk("ep"),
             Value::Int(9),
+            Value::Int(10),
             Value::Int(8),
             bulk("a"),
             Value::Int(9),
             bulk("b"),
         ]))
         .expect("parses");
-        assert_eq!(r.epoch.as_deref(), Some(&b"ep"[..]));
-        assert_eq!(r.top, 9);
+        let Range::At(r) = r else { panic!("{r:?}") };
+        assert_eq!(r.epoch, Epoch::from_static("ep"));
+        assert_eq!((r.top, r.next), (9, 10));
         assert_eq!(r.entries.len(), 2);
         assert_eq!(r.entries[1], (9, Bytes::from_static(b"b")));
-        let none = parse_range(Value::Array(vec![Value::Nil, Value::Int(0)])).expect("nil");
-        assert_eq!(none, Range::default());
+        let none = parse_range(Value::Array(vec![Value::Nil, Value::Int(0), Value::Int(0)]));
+        assert_eq!(none, Ok(Range::None));
         for bad in [
             Value::Int(1),
             Value::Array(vec![]),
             Value::Array(vec![bulk("e")]),
-            Value::Array(vec![bulk("e"), Value::Int(1), Value::Int(1)]),
-            Value::Array(vec![bulk("e"), Value::Int(1), bulk("x"), bulk("y")]),
+            Value::Array(vec![bulk("e"), Value::Int(1)]),
+            Value::Array(vec![bulk("e"), Value::Int(-1), Value::Int(0)]),
+            Value::Array(vec![bulk("E"), Value::Int(1), Value::Int(2)]),
+            Value::Array(vec![bulk("a:b"), Value::Int(1), Value::Int(2)]),
+            Value::Array(vec![bulk("e"), Value::Int(1), Value::Int(2), Value::Int(1)]),
+            Value::Array(vec![
+                bulk("e"),
+                Value::Int(1),
+                Value::Int(2),
+                bulk("x"),
+                bulk("y"),
+            ]),
+            // Entries out of order or repeated.
+            Value::Array(vec![
+                bulk("e"),
+                Value::Int(9),
+                Value::Int(10),
+                Value::Int(9),
+                bulk("a"),
+                Value::Int(8),
+                bulk("b"),
+            ]),
         ] {
             assert!(parse_range(bad.clone()).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_published(&Value::Array(vec![Value::Int(7), Value::Int(1)])),
+            Some((7, 1))
+        );
+        for bad in [
+            Value::Int(7),
+            Value::Array(vec![Value::Int(-1), Value::Int(0)]),
+        ] {
+            assert_eq!(parse_published(&bad), None);
         }
     }
 
@@ -252,11 +383,11 @@ mod tests {
             max_entry: 100,
         };
         let c = String::from_utf8(
-            h.publish("sha", "p:room", &[(7, b"x")])
+            h.publish("sha", "p:room", 7, &[(7, b"x")])
                 .get_packed_command(),
         )
         .expect("utf8");
-        for k in ["{p:room}:m", "{p:room}:s", "{p:room}:p:i1"] {
+        for k in ["{p:room}:m", "{p:room}:s", "i1"] {
             assert!(c.contains(k), "{k} in {c}");
         }
         assert_eq!(keys("c"), ("{c}:m".to_string(), "{c}:s".to_string()));

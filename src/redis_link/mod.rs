@@ -37,7 +37,7 @@ mod wire;
 
 pub use transport::resolve_main;
 
-use crate::backplane::{Backplane, BusEvent, BusStats};
+use crate::backplane::{Backplane, BusEvent, BusStats, HistoryStats};
 use crate::hub::Interest;
 use crate::redis_target::Target;
 use crate::token::{REDIS_PUB, REDIS_SUB};
@@ -72,6 +72,19 @@ fn log_due(last: &mut Option<Instant>) -> bool {
     }
     *last = Some(now);
     true
+}
+
+/// `/readyz`'s reason while Redis refuses writes "for now" (`outbox::NOT_NOW`).
+fn not_now_reason(code: &str) -> &'static str {
+    match code {
+        "READONLY" => "redis refusing writes: READONLY (a replica; failover in progress?)",
+        "OOM" => "redis refusing writes: OOM (maxmemory reached)",
+        "LOADING" => "redis refusing writes: LOADING (loading its dataset)",
+        "BUSY" => "redis refusing writes: BUSY (a script is running too long)",
+        "MASTERDOWN" => "redis refusing writes: MASTERDOWN (a replica lost its primary)",
+        "NOSCRIPT" => "redis lost the history scripts (NOSCRIPT): reloading",
+        _ => "redis refusing writes for now (see the log)",
+    }
 }
 
 /// Which of the two links.
@@ -137,6 +150,8 @@ pub struct RedisLink {
     connect_failures: u64,
     last_drop_log: Option<Instant>,
     last_oversize_log: Option<Instant>,
+    last_refused_log: Option<Instant>,
+    last_corrupt_log: Option<Instant>,
     /// Drops already logged (the outbox counts them).
     drops_seen: u64,
     /// History resets logged recently, and those left out of the log since.
@@ -179,6 +194,8 @@ impl RedisLink {
             connect_failures: 0,
             last_drop_log: None,
             last_oversize_log: None,
+            last_refused_log: None,
+            last_corrupt_log: None,
             drops_seen: 0,
             reset_log: (None, 0),
             resets_unlogged: 0,
@@ -221,12 +238,16 @@ impl RedisLink {
             } else {
                 String::new()
             };
-            warn!(
-                "redis: history of channel {} began again (epoch {} -> {}): what Redis held of the old one and was not delivered is lost{more}",
-                r.channel,
-                String::from_utf8_lossy(&r.old),
-                String::from_utf8_lossy(&r.new)
-            );
+            match &r.new {
+                Some(new) => warn!(
+                    "redis: history of channel {} began again (epoch {} -> {new}): what Redis held of the old one and was not delivered is lost{more}",
+                    r.channel, r.old
+                ),
+                None => warn!(
+                    "redis: history of channel {} (epoch {}) is gone (expired, or Redis lost it): what was published meanwhile and not delivered is lost{more}",
+                    r.channel, r.old
+                ),
+            }
         }
     }
 
@@ -285,8 +306,12 @@ impl Backplane for RedisLink {
         }
     }
 
+    /// Subscribed, and with history on, the channel's position read answered (its
+    /// members are admitted at a position history confirmed).
     fn is_subscribed(&self, channel: &str) -> bool {
-        self.sub.health.is_up() && self.subs.is_confirmed(channel)
+        self.sub.health.is_up()
+            && self.subs.is_confirmed(channel)
+            && (!self.outbox.history_on() || self.positions.admitted(channel))
     }
 
     fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) {
@@ -333,6 +358,9 @@ impl Backplane for RedisLink {
     /// `Ok` when a publish and a subscribe would work now: both links proved by a
     /// round trip, every wanted channel confirmed, and no PING left waiting.
     fn ready(&self, now: Instant) -> Result<(), &'static str> {
+        if let Some(code) = &self.outbox.not_now {
+            return Err(not_now_reason(code));
+        }
         if !self.sub.health.is_up() {
             return Err("redis subscription link down");
         }
@@ -473,7 +501,12 @@ impl Backplane for RedisLink {
             published: self.outbox.published,
             publish_abandoned: self.outbox.abandoned,
             connect_failures: self.connect_failures,
-            history: self.positions.stats,
+            history: HistoryStats {
+                corrupt_dedupe: self.outbox.corrupt_dedupe,
+                corrupt_meta: self.outbox.corrupt_meta,
+                ..self.positions.stats
+            },
+            publish_refused: self.outbox.refused,
             held_bytes: self.positions.held_bytes(),
             history_bytes: 0,
         }

@@ -48,19 +48,98 @@ struct Outgoing {
     seq: u64,
 }
 
+/// Error codes by which Redis says "not now" or "not here" (a replica, loading, a
+/// script running too long, out of memory, a cluster reconfiguring): the link is the
+/// problem, not the command. The link is dropped and reconnected with backoff (a managed
+/// endpoint's DNS may name the new primary by then), and every unanswered publish is
+/// sent again, in order, without counting against `MAX_PUBLISH_SENDS`.
+pub const NOT_NOW: &[&str] = &[
+    "READONLY",
+    "MASTERDOWN",
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "MOVED",
+    "ASK",
+    "NOSCRIPT",
+];
+
+/// Why Redis refused one command for good (any code not in [`NOT_NOW`]): that publish
+/// (or read) alone is dropped, counted by reason; other channels go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A key of the channel holds another type (a neighbour app's key).
+    WrongType,
+    /// The ACL user may not run the command or touch the key.
+    NoPerm,
+    /// The channel's history meta hash is corrupt (read script).
+    BadMeta,
+    /// Any other error, e.g. a script error.
+    Other,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 4] = [
+        Refused::WrongType,
+        Refused::NoPerm,
+        Refused::BadMeta,
+        Refused::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::WrongType => "wrongtype",
+            Refused::NoPerm => "noperm",
+            Refused::BadMeta => "badmeta",
+            Refused::Other => "other",
+        }
+    }
+
+    fn of(code: &str) -> Refused {
+        match code {
+            "WRONGTYPE" => Refused::WrongType,
+            "NOPERM" => Refused::NoPerm,
+            "BADMETA" => Refused::BadMeta,
+            _ => Refused::Other,
+        }
+    }
+}
+
 /// What a reply on the publish link was.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
-    Published,
-    /// Redis refused that publish (`-ERR …`): it is not sent again.
-    Refused(String),
+    /// `flags` from the publish script (see `history::PUBLISH_SCRIPT`): 1 = a corrupt
+    /// dedupe value was overwritten, 2 = a corrupt meta hash began a new epoch.
+    Published {
+        flags: u8,
+    },
+    /// Redis refused that publish for good: it is not sent again (counted by reason).
+    Refused(Refused, String),
     Pong,
     /// Both scripts are loaded: publishes and reads may go.
     Loaded,
     /// Nothing to act on (the first of the two scripts loaded).
     Nothing,
-    /// A history read's answer (`Err`: Redis refused it; the gap cannot be read).
-    Range(ReadReq, Result<Range, String>),
+    /// A history read's answer (`Err`: Redis refused it, or answered nonsense, for
+    /// this channel; the link goes on).
+    Range(ReadReq, Result<Range, (Refused, String)>),
+}
+
+/// The link must be dropped: a "not now" refusal (`NOT_NOW`; `code` set, `/readyz`
+/// shows it until a write succeeds) or a reply that breaks the pairing of replies.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LinkDown {
+    pub code: Option<String>,
+    pub why: String,
+}
+
+impl From<String> for LinkDown {
+    fn from(why: String) -> LinkDown {
+        LinkDown { code: None, why }
+    }
 }
 
 /// Publishes on their way to Redis.
@@ -79,6 +158,13 @@ pub struct Outbox {
     pub dropped: u64,
     pub abandoned: u64,
     pub published: u64,
+    /// Publishes Redis refused for good, by `Refused` reason.
+    pub refused: [u64; 4],
+    /// Corrupt dedupe values and meta hashes the publish script overwrote.
+    pub corrupt_dedupe: u64,
+    pub corrupt_meta: u64,
+    /// The last "not now" refusal (`NOT_NOW`), until a publish succeeds again.
+    pub not_now: Option<String>,
     /// `Some`: publishes go through the history script.
     history: Option<History>,
     shas: Shas,
@@ -98,6 +184,10 @@ impl Outbox {
             dropped: 0,
             abandoned: 0,
             published: 0,
+            refused: [0; 4],
+            corrupt_dedupe: 0,
+            corrupt_meta: 0,
+            not_now: None,
             history: None,
             shas: Shas::default(),
             seq: 0,
@@ -116,14 +206,18 @@ impl Outbox {
 
     /// The link is up: the commands to send first (loading the scripts).
     pub fn on_up(&mut self) -> Vec<redis::Cmd> {
+        if self.is_empty() {
+            // Nothing to prove writes work with: the next refusal says so again.
+            self.not_now = None;
+        }
         if self.history.is_none() {
             return Vec::new();
         }
         self.expect.push_back(Expect::LoadPublish);
         self.expect.push_back(Expect::LoadRead);
-        [history::PUBLISH_SCRIPT, history::READ_SCRIPT]
+        [history::publish_script(), history::READ_SCRIPT.to_string()]
             .iter()
-            .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(*s).clone())
+            .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(s).clone())
             .collect()
     }
 
@@ -224,7 +318,7 @@ impl Outbox {
             batch.extend(self.waiting.pop_front());
         }
         let items: Vec<(u64, &[u8])> = batch.iter().map(|m| (m.seq, &m.body[..])).collect();
-        let cmd = h.publish(sha, &batch[0].channel, &items);
+        let cmd = h.publish(sha, &batch[0].channel, self.seq, &items);
         self.expect.push_back(Expect::Publish(batch.len()));
         for m in batch {
             self.launch(m);
@@ -242,37 +336,63 @@ impl Outbox {
         self.expect.push_back(Expect::Ping);
     }
 
-    /// A reply on the publish link (after its handshake). An error means the link no
-    /// longer knows what answers what and must be dropped.
-    pub fn on_reply(&mut self, v: Value) -> Result<Reply, String> {
+    /// A reply on the publish link (after its handshake). An error means the link
+    /// must be dropped: it no longer knows what answers what, or Redis said "not now".
+    pub fn on_reply(&mut self, v: Value) -> Result<Reply, LinkDown> {
+        if let Value::ServerError(e) = &v {
+            if NOT_NOW.contains(&e.code()) {
+                let what = format!("{} {}", e.code(), e.details().unwrap_or(""));
+                return Err(self.not_now(e.code(), what.trim_end()));
+            }
+        }
         match self.expect.pop_front() {
             Some(Expect::Publish(n)) => {
                 let reply = match v {
-                    Value::Int(_) => Reply::Published,
-                    Value::ServerError(e) if e.code() == "NOSCRIPT" => {
-                        return Err("the publish script is gone (NOSCRIPT)".to_string())
+                    Value::Int(_) if self.history.is_none() => Reply::Published { flags: 0 },
+                    Value::ServerError(e) => {
+                        Reply::Refused(Refused::of(e.code()), format!("{e:?}"))
                     }
-                    Value::ServerError(e) => Reply::Refused(format!("{e:?}")),
-                    other => return Err(format!("unexpected PUBLISH reply {other:?}")),
+                    other => match history::parse_published(&other) {
+                        Some((_, flags)) if self.history.is_some() => Reply::Published { flags },
+                        _ => return Err(format!("unexpected PUBLISH reply {other:?}").into()),
+                    },
                 };
+                let ok = matches!(reply, Reply::Published { .. });
                 for _ in 0..n {
                     if let Some(out) = self.inflight.pop_front() {
                         self.bytes -= out.body.len();
-                        if reply == Reply::Published {
+                        if ok {
                             self.published += 1;
                         }
                     }
+                }
+                match &reply {
+                    Reply::Published { flags } => {
+                        self.not_now = None;
+                        self.corrupt_dedupe += u64::from(flags & 1);
+                        self.corrupt_meta += u64::from(flags >> 1 & 1);
+                    }
+                    Reply::Refused(r, _) => self.refused[*r as usize] += n as u64,
+                    _ => {}
                 }
                 Ok(reply)
             }
             Some(Expect::Ping) => match v {
                 Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => Ok(Reply::Pong),
-                other => Err(format!("unexpected PING reply {other:?}")),
+                other => Err(format!("unexpected PING reply {other:?}").into()),
             },
             Some(which @ (Expect::LoadPublish | Expect::LoadRead)) => {
                 let sha = match v {
-                    Value::BulkString(b) => String::from_utf8(b).map_err(|e| e.to_string())?,
-                    other => return Err(format!("SCRIPT LOAD failed: {other:?}")),
+                    Value::BulkString(b) => {
+                        String::from_utf8(b).map_err(|e| LinkDown::from(e.to_string()))?
+                    }
+                    Value::ServerError(e) if e.code() == "ERR" || e.code() == "NOPERM" => {
+                        return Err(format!(
+                            "SCRIPT LOAD refused ({e:?}): this Redis runs no Lua scripts (some managed offerings); run wsfan with --history-size 0 there"
+                        )
+                        .into())
+                    }
+                    other => return Err(format!("SCRIPT LOAD failed: {other:?}").into()),
                 };
                 if which == Expect::LoadPublish {
                     self.shas.publish = Some(sha);
@@ -286,13 +406,33 @@ impl Outbox {
                 })
             }
             Some(Expect::Read(req)) => match v {
-                Value::ServerError(e) if e.code() == "NOSCRIPT" => {
-                    Err("the history read script is gone (NOSCRIPT)".to_string())
-                }
-                Value::ServerError(e) => Ok(Reply::Range(req, Err(format!("{e:?}")))),
-                other => Ok(Reply::Range(req, Ok(history::parse_range(other)?))),
+                Value::ServerError(e) => Ok(Reply::Range(
+                    req,
+                    Err((Refused::of(e.code()), format!("{e:?}"))),
+                )),
+                // A well-framed reply of the wrong shape is about this channel's keys
+                // (a corrupt meta hash, a foreign stream): this read fails, the link
+                // goes on.
+                other => Ok(Reply::Range(
+                    req,
+                    history::parse_range(other).map_err(|e| (Refused::BadMeta, e)),
+                )),
             },
-            None => Err(format!("unexpected reply {v:?}")),
+            None => Err(format!("unexpected reply {v:?}").into()),
+        }
+    }
+
+    /// Redis said "not now": nothing in flight counts as a send (Redis did not apply
+    /// the refused command, and the script's dedupe drops any that it did), and
+    /// `/readyz` says why until a publish succeeds.
+    fn not_now(&mut self, code: &str, what: &str) -> LinkDown {
+        for m in &mut self.inflight {
+            m.sends = m.sends.saturating_sub(1);
+        }
+        self.not_now = Some(code.to_string());
+        LinkDown {
+            code: Some(code.to_string()),
+            why: format!("redis refused ({what})"),
         }
     }
 
@@ -350,9 +490,13 @@ mod tests {
         o.push("c".into(), body("two"));
         assert_eq!(sent(&mut o).len(), 2);
         o.ping_sent();
-        assert_eq!(o.on_reply(Value::Int(1)), Ok(Reply::Published));
+        assert_eq!(o.on_reply(Value::Int(1)), Ok(Reply::Published { flags: 0 }));
         let refused = redis::parse_redis_value(b"-ERR nope\r\n").expect("an error reply");
-        assert!(matches!(o.on_reply(refused), Ok(Reply::Refused(_))));
+        assert!(matches!(
+            o.on_reply(refused),
+            Ok(Reply::Refused(Refused::Other, _))
+        ));
+        assert_eq!(o.refused, [0, 0, 0, 1]);
         assert_eq!(
             o.on_reply(Value::SimpleString("PONG".into())),
             Ok(Reply::Pong)
@@ -439,7 +583,8 @@ mod tests {
         assert!(s[0].contains("EVALSHA") && s[0].contains("sha1"));
         assert!(s[0].contains("\r\n$1\r\n3\r\n"), "n = 3: {}", s[0]);
         // One reply acknowledges the whole batch.
-        assert_eq!(o.on_reply(Value::Int(3)), Ok(Reply::Published));
+        let ok = Value::Array(vec![Value::Int(3), Value::Int(0)]);
+        assert_eq!(o.on_reply(ok), Ok(Reply::Published { flags: 0 }));
         assert_eq!((o.len(), o.published), (2, 3));
         // Lost with the link: re-sent in order, with their own sequence numbers.
         o.on_down();
@@ -456,6 +601,52 @@ mod tests {
         );
         let refused = redis::parse_redis_value(b"-NOSCRIPT gone\r\n").expect("error");
         assert!(o2.on_reply(refused).is_err(), "NOSCRIPT ends the link");
+    }
+
+    /// "Not now" ends the link and costs no send; a verdict drops that publish only,
+    /// counted by reason; flags count corrupt keys.
+    #[test]
+    fn refusals_are_link_conditions_or_verdicts() {
+        for code in NOT_NOW {
+            let mut o = with_scripts();
+            o.push("a".into(), body("1"));
+            o.push("b".into(), body("2"));
+            assert_eq!(sent(&mut o).len(), 2);
+            let e = redis::parse_redis_value(format!("-{code} no\r\n").as_bytes()).expect("err");
+            let down = o.on_reply(e).expect_err("ends the link");
+            assert_eq!(down.code.as_deref(), Some(*code));
+            assert_eq!(o.not_now.as_deref(), Some(*code));
+            // Refused MAX_PUBLISH_SENDS times and more: never abandoned.
+            for _ in 0..(MAX_PUBLISH_SENDS + 2) {
+                assert!(o.on_down().is_empty(), "{code}: nothing abandoned");
+                o.on_up();
+                o.on_reply(Value::BulkString(b"s".to_vec())).expect("load");
+                o.on_reply(Value::BulkString(b"r".to_vec())).expect("load");
+                assert_eq!(sent(&mut o).len(), 2, "both sent again, in order");
+                let e =
+                    redis::parse_redis_value(format!("-{code} no\r\n").as_bytes()).expect("err");
+                assert!(o.on_reply(e).is_err());
+            }
+            assert_eq!((o.len(), o.abandoned, o.dropped), (2, 0, 0));
+        }
+        let mut o = with_scripts();
+        for ch in ["a", "b", "c", "d"] {
+            o.push(ch.into(), body("x"));
+        }
+        assert_eq!(sent(&mut o).len(), 4);
+        for (code, r) in [
+            ("WRONGTYPE", Refused::WrongType),
+            ("NOPERM", Refused::NoPerm),
+            ("ERR", Refused::Other),
+        ] {
+            let e = redis::parse_redis_value(format!("-{code} no\r\n").as_bytes()).expect("err");
+            assert!(matches!(o.on_reply(e), Ok(Reply::Refused(got, _)) if got == r));
+        }
+        let ok = Value::Array(vec![Value::Int(9), Value::Int(3)]);
+        assert_eq!(o.on_reply(ok), Ok(Reply::Published { flags: 3 }));
+        assert_eq!(o.refused, [1, 1, 0, 1]);
+        assert_eq!((o.corrupt_dedupe, o.corrupt_meta, o.published), (1, 1, 1));
+        assert!(o.is_empty() && o.not_now.is_none());
     }
 
     #[test]

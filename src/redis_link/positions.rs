@@ -1,61 +1,110 @@
-//! Gap repair, sans-IO: for each subscribed channel, the last position this instance
-//! delivered (epoch, offset), the live messages held while a gap is read from history,
-//! and the history reads wanted and in flight. Inputs are positioned messages from the
-//! subscription link, channels (re)confirmed, history ranges read on the publish link
-//! and the publish link going down; outputs are deliveries, in order and once, and the
-//! reads to send. No sockets, no clock.
+//! Gap repair, sans-IO: for each subscribed channel, the position this instance has
+//! delivered up to, the live messages held while history is read, and the reads wanted
+//! and in flight. Inputs are live messages from the subscription link, channels
+//! (re)confirmed, read replies from the publish link and that link going down; outputs
+//! are deliveries (in order, once), `Subscribed` events and the reads to send. No
+//! sockets, no clock.
 //!
-//! The rules:
-//! * A channel's position starts when it is first confirmed: a *position read* (the
-//!   read script with `from` 0) returns its epoch and top offset, and no entries —
-//!   members joined now, nothing older is theirs. Until a live message goes past that
-//!   top, live messages at or below it were published after the SUBSCRIBE took effect
-//!   and are delivered (in order, once). So even a channel that was quiet when a link
-//!   dropped knows where to read from. A live message before the reply starts the
-//!   position itself.
-//! * Offset `last + 1` of the same epoch is delivered at once; one at or below `last` is
-//!   a duplicate (dropped, counted); one further ahead is held and the gap is read from
-//!   history (`last + 1 ..`), then everything is delivered in order.
-//! * A channel confirmed again after the subscription link came back reads its history
-//!   from `last + 1` (live messages meanwhile are held or, if next in line, delivered).
-//! * Another epoch (Redis lost the channel's history and a new one began) is a reset:
-//!   counted, and the new epoch is delivered from its first offset still in history.
-//! * Held messages are bounded (`--history-hold-bytes` over all channels). Beyond it a
-//!   live message is not held but remembered as "behind": it has an offset, so it is in
-//!   history and is read from there once the gap before it is filled. Nothing is lost
-//!   while history holds it.
-//! * What history no longer holds (trimmed by `--history-size`, expired by
-//!   `--history-ttl`, or lost with Redis's data) is skipped and counted as missed.
+//! **Redis's history is the authority; a live message's position is only a claim.**
+//! Anyone who may PUBLISH on the Redis can write `\0h<offset>:<epoch>:…`, so:
+//!
+//! * A position starts from a read, never from a live message: a channel's first
+//!   SUBSCRIBE is followed by a *position read* (epoch and top offset, no entries), and
+//!   its members are admitted (`Subscribed`, the held 101s go out) only when it answers.
+//!   Live messages at or below that top were published before they joined.
+//! * Offset `last + 1` of the confirmed epoch is delivered at once; one at or below
+//!   `last` is a duplicate (dropped, counted); one further ahead is held and the gap is
+//!   read from history, and history's entries, not the held copies, are delivered.
+//! * Another epoch is believed only when a read finds it in the meta hash (then it is a
+//!   reset: counted, logged, the new epoch delivered from its first offset still held).
+//! * **One read settles every claim that arrived before it was sent:** Redis runs
+//!   commands in order, and the script that published a real message ran before the
+//!   message reached us, so a read sent after a claim arrived sees its offset (or its
+//!   epoch). A claim the read does not confirm is forged: dropped and counted in
+//!   `unconfirmed` (never delivered, never a position). So a forged envelope costs at
+//!   most a share of one read, and reads never go on without new input.
+//! * Every read makes progress (its reply says how far it looked) or ends; holes history
+//!   no longer has (trimmed, expired, too large for this instance) are counted missed,
+//!   and held messages in them are still delivered.
+//! * A read's answer is applied to the request it answers only (serials), and reads of
+//!   one channel are one at a time, so an old reply never moves a position back.
+//! * Held messages and claims are bounded (`--history-hold-bytes` over all channels).
+//!   Past it a live message of the confirmed epoch is remembered as "behind" and read
+//!   from history; a claim of another epoch is dropped (if real, it is in history).
 
 use crate::backplane::{BusEvent, HistoryStats};
-use crate::envelope::{self, Position};
+use crate::envelope;
+use crate::message::{Epoch, StreamPosition};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 
 /// Bookkeeping bytes counted per held message on top of its payload.
 const HELD_OVERHEAD: usize = 64;
+/// Offsets per channel whose delivered body is remembered (as a keyed hash), so a
+/// second, different message claiming one of them is seen as a conflict, not a
+/// duplicate (see `Positions::on_message`).
+const RECENT: usize = 4;
+/// A remembered offset that had its conflict already: any further copy is a duplicate.
+const SETTLED: u64 = 0;
+
+/// Where a read starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// Only the epoch and the top offset: where a position starts.
+    Top,
+    /// The entries after this position (from the start of the history if Redis holds
+    /// another epoch).
+    After(StreamPosition),
+    /// The entries of whatever epoch Redis holds, from its start (a channel that had no
+    /// history when its members joined: all of it is new to them).
+    Start,
+}
 
 /// A history read the shell should send on the publish link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadReq {
     pub channel: Box<str>,
-    /// The epoch the instance knows; history of another epoch is read from its start.
-    pub epoch: Bytes,
-    pub from: u64,
+    pub from: ReadFrom,
     /// Matches the reply to this request (a channel left and joined again meanwhile
     /// has a new serial).
     pub serial: u64,
+    /// The channel's reads sent so far, this one included: claims that arrived before
+    /// it was sent (`seen < n`) are settled by its answer.
+    n: u64,
 }
 
-/// What a history read returned.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Range {
-    /// `None`: the channel has no history (never published, expired, or lost).
-    pub epoch: Option<Bytes>,
+impl ReadReq {
+    /// The script's `(epoch, first offset)` arguments: `("", 0)` is a position read,
+    /// an epoch Redis does not hold reads from the start.
+    pub fn script_args(&self) -> (&[u8], u64) {
+        match &self.from {
+            ReadFrom::Top => (b"", 0),
+            ReadFrom::After(p) => (p.epoch.as_bytes(), p.offset + 1),
+            ReadFrom::Start => (b"", 1),
+        }
+    }
+}
+
+/// What a history read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Range {
+    /// The channel has no history (never published, expired, or lost).
+    None,
+    At(Stream),
+}
+
+/// A channel's history as one read saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stream {
+    pub epoch: Epoch,
     /// The channel's top offset when the read ran.
     pub top: u64,
-    /// Offsets and envelope-encoded bodies, ascending; maybe cut short by the read's
-    /// byte limit (then `top` is beyond the last).
+    /// The first offset the read did not look at: every offset from the read's start up
+    /// to here was returned or is not in the stream (trimmed, or too large). `top + 1`
+    /// when the read reached the top.
+    pub next: u64,
+    /// Offsets and envelope-encoded bodies, ascending.
     pub entries: Vec<(u64, Bytes)>,
 }
 
@@ -67,40 +116,113 @@ enum Read {
     InFlight(u64),
 }
 
+/// What this instance knows of a channel's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Known {
+    /// Nothing yet: a position read is due (or was refused).
+    Unknown,
+    /// A read found no history: whatever epoch begins next is new to every member.
+    Empty,
+    /// Confirmed epoch, and the last offset delivered (0: none of it yet).
+    At(StreamPosition),
+}
+
+/// A live message waiting for history to confirm or complete it.
+#[derive(Debug)]
+struct Held {
+    body: Bytes,
+    /// The channel's reads sent when it arrived.
+    seen: u64,
+}
+
 #[derive(Debug)]
 struct Chan {
-    epoch: Option<Bytes>,
-    /// Last offset delivered (0: none of this epoch yet).
-    last: u64,
-    /// Live messages ahead of `last + 1`, by offset (envelope-encoded bodies).
-    hold: BTreeMap<u64, Bytes>,
-    /// Highest offset seen live but not held (hold limit): read from history.
-    behind: u64,
+    known: Known,
+    /// Members admitted (`Subscribed` sent): from now on nothing may be skipped silently.
+    admitted: bool,
+    /// Live messages of the confirmed epoch ahead of `last + 1`, by offset.
+    hold: BTreeMap<u64, Held>,
+    /// Live messages of an epoch not confirmed (or any, while the position is unknown).
+    claims: Vec<(StreamPosition, Held)>,
+    /// The highest offset of the confirmed epoch seen live but not held (hold limit),
+    /// and the reads sent when it was seen.
+    behind: Option<(u64, u64)>,
+    /// The channel was (re)confirmed after this many reads: one sent later must reach
+    /// the top before the gap of the outage is known to be read.
+    catch_up: Option<u64>,
     read: Read,
-    /// `last` came from a position read, not a delivery: live messages up to it are
-    /// still to deliver; this is the highest delivered so far (`None`: not provisional).
-    provisional: Option<u64>,
+    /// Reads sent for this channel.
+    sent: u64,
+    /// The last `RECENT` offsets delivered and a hash of each body (a ring).
+    recent: [(u64, u64); RECENT],
 }
 
 impl Chan {
     fn new() -> Chan {
         Chan {
-            epoch: None,
-            last: 0,
+            known: Known::Unknown,
+            admitted: false,
             hold: BTreeMap::new(),
-            behind: 0,
+            claims: Vec::new(),
+            behind: None,
+            catch_up: None,
             read: Read::Idle,
-            provisional: None,
+            sent: 0,
+            recent: [(0, 0); RECENT],
         }
+    }
+
+    fn record(&mut self, offset: u64, hash: u64) {
+        self.recent[offset as usize % RECENT] = (offset, hash);
+    }
+
+    fn recent_hash(&self, offset: u64) -> Option<u64> {
+        let (o, h) = self.recent[offset as usize % RECENT];
+        (o == offset && o != 0).then_some(h)
+    }
+
+    fn last(&self) -> u64 {
+        match &self.known {
+            Known::At(p) => p.offset,
+            _ => 0,
+        }
+    }
+
+    fn set_last(&mut self, o: u64) {
+        if let Known::At(p) = &mut self.known {
+            p.offset = o;
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        let h: usize = self
+            .hold
+            .values()
+            .map(|h| h.body.len() + HELD_OVERHEAD)
+            .sum();
+        let c: usize = self
+            .claims
+            .iter()
+            .map(|(_, h)| h.body.len() + HELD_OVERHEAD)
+            .sum();
+        h + c
+    }
+
+    fn needs_read(&self) -> bool {
+        !self.hold.is_empty()
+            || !self.claims.is_empty()
+            || self.behind.is_some()
+            || self.catch_up.is_some()
     }
 }
 
-/// A reset to log (the shell rate-limits the lines).
+/// A history that began again (or vanished) to log (the shell rate-limits the lines).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reset {
     pub channel: String,
-    pub old: Bytes,
-    pub new: Bytes,
+    pub old: Epoch,
+    /// `None`: the history is gone (expired, or Redis lost it) and none began yet.
+    pub new: Option<Epoch>,
 }
 
 /// Every subscribed channel's position.
@@ -113,6 +235,8 @@ pub struct Positions {
     hold_bytes: usize,
     max_payload: usize,
     serial: u64,
+    /// Keys the body hashes of `Chan::recent` (random per process).
+    hasher: std::collections::hash_map::RandomState,
     pub stats: HistoryStats,
     /// Resets since the shell last took them (for the log).
     pub resets: Vec<Reset>,
@@ -127,12 +251,13 @@ impl Positions {
             hold_bytes: 0,
             max_payload,
             serial: 0,
+            hasher: Default::default(),
             stats: HistoryStats::default(),
             resets: Vec::new(),
         }
     }
 
-    /// Bytes of held messages (all channels).
+    /// Bytes of held messages and claims (all channels).
     pub fn held_bytes(&self) -> usize {
         self.hold_bytes
     }
@@ -146,18 +271,24 @@ impl Positions {
         self.chans.is_empty()
     }
 
-    /// The channel's last delivered position, if any (for a later client-facing
-    /// "everything after offset N of epoch E").
-    pub fn last(&self, channel: &str) -> Option<(Bytes, u64)> {
-        let c = self.chans.get(channel)?;
-        Some((c.epoch.clone()?, c.last))
+    /// The channel's last delivered position, once confirmed.
+    pub fn last(&self, channel: &str) -> Option<StreamPosition> {
+        match &self.chans.get(channel)?.known {
+            Known::At(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether the channel's members are admitted (a new member may join at once).
+    pub fn admitted(&self, channel: &str) -> bool {
+        self.chans.get(channel).is_some_and(|c| c.admitted)
     }
 
     /// The last local member left: the position is forgotten (a later member starts
     /// from the channel's newest message).
     pub fn forget(&mut self, channel: &str) {
         if let Some(c) = self.chans.remove(channel) {
-            self.hold_bytes -= held_size(&c.hold);
+            self.hold_bytes -= c.held_bytes();
         }
     }
 
@@ -165,7 +296,7 @@ impl Positions {
     pub fn on_message(
         &mut self,
         channel: &str,
-        pos: Option<Position>,
+        pos: Option<StreamPosition>,
         body: Bytes,
         out: &mut Vec<BusEvent>,
     ) {
@@ -177,73 +308,74 @@ impl Positions {
             Some(c) => c,
             None => self.chans.entry(channel.into()).or_insert_with(Chan::new),
         };
-        match &c.epoch {
-            None => {
-                c.epoch = Some(pos.epoch.clone());
-                c.last = pos.offset.saturating_sub(1);
-            }
-            // Confirmed while the channel had no history: its first epoch is new to
-            // everyone, from offset 1.
-            Some(e) if e.is_empty() => {
-                c.epoch = Some(pos.epoch.clone());
-                c.last = 0;
-            }
-            Some(e) if *e != pos.epoch => {
-                let old = e.clone();
-                self.reset(channel, old, pos.epoch.clone());
-            }
-            Some(_) => {}
-        }
-        let Some(c) = self.chans.get_mut(channel) else {
-            return;
-        };
-        if let Some(delivered) = c.provisional {
-            if pos.offset <= c.last {
-                if pos.offset <= delivered {
-                    self.stats.duplicates += 1;
-                    return;
-                }
-                c.provisional = Some(pos.offset);
-                return self.deliver(channel, body, out);
-            }
-            c.provisional = None;
-        }
-        if pos.offset <= c.last {
-            self.stats.duplicates += 1;
-            return;
-        }
-        if pos.offset == c.last + 1 && c.hold.is_empty() {
-            c.last = pos.offset;
-            return self.deliver(channel, body, out);
-        }
+        let seen = c.sent;
         let size = body.len() + HELD_OVERHEAD;
         let fits = self.hold_bytes + size <= self.max_hold_bytes;
-        match c.hold.entry(pos.offset) {
+        let last = match &c.known {
+            Known::At(p) if p.epoch == pos.epoch => p.offset,
+            _ => {
+                // A claim of an epoch not confirmed: the next read settles it.
+                if fits {
+                    c.claims.push((pos, Held { body, seen }));
+                    self.hold_bytes += size;
+                } else {
+                    self.stats.hold_overflows += 1;
+                }
+                return self.want_read(channel);
+            }
+        };
+        let offset = pos.offset;
+        let hash = self.hasher.hash_one(&body);
+        if offset <= last {
+            // Without a secret, a forged claim of the very next offset cannot be told
+            // from the real message; whichever came first was delivered. A different
+            // body for a recent offset is the other one: delivered too, and counted.
+            match c.recent_hash(offset) {
+                Some(h) if h != hash && h != SETTLED => {
+                    c.record(offset, SETTLED);
+                    self.stats.conflicts += 1;
+                    return self.deliver(channel, body, out);
+                }
+                _ => self.stats.duplicates += 1,
+            }
+            return;
+        }
+        if offset == last + 1 && c.hold.is_empty() {
+            c.set_last(offset);
+            c.record(offset, hash);
+            return self.deliver(channel, body, out);
+        }
+        match c.hold.entry(offset) {
             std::collections::btree_map::Entry::Occupied(_) => self.stats.duplicates += 1,
             std::collections::btree_map::Entry::Vacant(v) if fits => {
-                v.insert(body);
+                v.insert(Held { body, seen });
                 self.hold_bytes += size;
             }
             std::collections::btree_map::Entry::Vacant(_) => {
                 self.stats.hold_overflows += 1;
-                c.behind = c.behind.max(pos.offset);
+                if c.behind.is_none_or(|(b, _)| b < offset) {
+                    c.behind = Some((offset, seen));
+                }
             }
         }
         self.release(channel, out);
-        self.want_read_if_gap(channel);
+        if self.chans.get(channel).is_some_and(Chan::needs_read) {
+            self.want_read(channel);
+        }
     }
 
-    /// The channel is (again) confirmed on a new subscription link: what was published
-    /// while it was not is read from history.
-    pub fn on_confirmed(&mut self, channel: &str) {
+    /// The channel is (again) confirmed on a subscription link. A new channel gets a
+    /// position read (its members are admitted when it answers); a known one reads what
+    /// was published while it was not subscribed.
+    pub fn on_confirmed(&mut self, channel: &str, out: &mut Vec<BusEvent>) {
         let c = match self.chans.get_mut(channel) {
             Some(c) => c,
             None => self.chans.entry(channel.into()).or_insert_with(Chan::new),
         };
-        if c.epoch.is_some() {
-            c.behind = u64::MAX; // unknown how far: read to the top
+        c.catch_up = Some(c.sent);
+        if c.admitted {
+            out.push(BusEvent::Subscribed(channel.to_string()));
         }
-        // No position yet: a position read (epoch and top only).
         self.want_read(channel);
     }
 
@@ -271,24 +403,27 @@ impl Positions {
                 continue;
             }
             self.serial += 1;
+            c.sent += 1;
             c.read = Read::InFlight(self.serial);
             self.stats.reads += 1;
-            let (epoch, from) = match &c.epoch {
-                Some(e) => (e.clone(), c.last + 1),
-                None => (Bytes::new(), 0), // a position read
+            let from = match &c.known {
+                Known::Unknown => ReadFrom::Top,
+                Known::Empty => ReadFrom::Start,
+                Known::At(p) => ReadFrom::After(p.clone()),
             };
             return Some(ReadReq {
                 channel: name,
-                epoch,
                 from,
                 serial: self.serial,
+                n: c.sent,
             });
         }
         None
     }
 
-    /// The reply to a read.
-    pub fn on_range(&mut self, req: &ReadReq, r: Range, out: &mut Vec<BusEvent>) {
+    /// The answer to a read: `Err` when Redis refused it (or answered nonsense) for
+    /// this channel; the reason is the shell's to count and log.
+    pub fn on_range(&mut self, req: &ReadReq, r: Result<Range, ()>, out: &mut Vec<BusEvent>) {
         let channel = &*req.channel;
         let Some(c) = self.chans.get_mut(channel) else {
             return; // forgotten meanwhile
@@ -297,128 +432,304 @@ impl Positions {
             return; // a read from before the channel was left and joined again
         }
         c.read = Read::Idle;
-        if req.from == 0 {
-            // A position read: the position starts at the top, unless a live message
-            // started it meanwhile.
-            if c.epoch.is_none() {
-                match r.epoch {
-                    Some(e) => {
-                        c.epoch = Some(e);
-                        c.last = r.top;
-                        c.provisional = Some(0);
-                    }
-                    // No history yet: whatever epoch comes is delivered from offset 1.
-                    None => c.epoch = Some(Bytes::new()),
-                }
-            }
-            return;
+        let n = req.n;
+        // Members are admitted before anything of this answer is delivered to them.
+        let was_admitted = std::mem::replace(&mut c.admitted, true);
+        if !was_admitted {
+            out.push(BusEvent::Subscribed(channel.to_string()));
         }
-        let Some(epoch) = r.epoch else {
-            // No history at all: whatever the gap held is gone.
-            return self.skip_gap(channel, out);
+        // A read that neither reached the top nor looked past its start would be sent
+        // again unchanged: a reply that makes no progress counts as refused.
+        let start = |s: &Stream| match &req.from {
+            ReadFrom::Top => 0,
+            ReadFrom::After(p) if p.epoch == s.epoch => p.offset + 1,
+            ReadFrom::After(_) | ReadFrom::Start => 1,
         };
-        match &c.epoch {
-            Some(e) if e.is_empty() => {
-                c.epoch = Some(epoch);
-                c.last = 0;
+        let r = match r {
+            Ok(Range::At(s)) if start(&s) > 0 && s.next <= start(&s) && s.next <= s.top => Err(()),
+            other => other,
+        };
+        let caught_up = match r {
+            Err(()) => {
+                self.stats.read_refused += 1;
+                self.on_refused(channel, n);
+                true
             }
-            Some(e) if *e == epoch => {}
-            other => {
-                let old = other.clone().unwrap_or_default();
-                self.reset(channel, old, epoch);
+            Ok(Range::None) => {
+                self.on_no_history(channel, n);
+                true
+            }
+            Ok(Range::At(s)) => self.on_stream(channel, n, s, was_admitted, out),
+        };
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        if caught_up && c.catch_up.is_some_and(|k| n > k) {
+            c.catch_up = None;
+        }
+        if c.needs_read() || !caught_up {
+            self.want_read(channel);
+        }
+    }
+
+    /// The read was refused (a key of the wrong type, a script error, a corrupt meta
+    /// hash): nothing can be confirmed, so every claim it was to settle is dropped.
+    fn on_refused(&mut self, channel: &str, n: u64) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        let last = c.last();
+        let claims = drop_settled_claims(c, n, |_| false);
+        let held = drop_settled_hold(c, n, last);
+        self.stats.unconfirmed += claims.0 + held.0;
+        self.hold_bytes -= claims.1 + held.1;
+        if c.behind.is_some_and(|(_, s)| s < n) {
+            c.behind = None;
+            self.stats.unconfirmed += 1;
+        }
+    }
+
+    /// The channel has no history: a position read found a fresh channel, or the
+    /// history a position was in is gone (expired or lost): that is a reset, and what
+    /// was held of it is missed.
+    fn on_no_history(&mut self, channel: &str, n: u64) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        if let Known::At(p) = &c.known {
+            let old = p.epoch.clone();
+            let held = c.hold.len() as u64 + u64::from(c.behind.is_some());
+            self.stats.missed += held;
+            self.hold_bytes -= c
+                .hold
+                .values()
+                .map(|h| h.body.len() + HELD_OVERHEAD)
+                .sum::<usize>();
+            c.hold.clear();
+            c.behind = None;
+            self.stats.resets += 1;
+            self.resets.push(Reset {
+                channel: channel.to_string(),
+                old,
+                new: None,
+            });
+        }
+        c.known = Known::Empty;
+        let dropped = drop_settled_claims(c, n, |_| false);
+        self.stats.unconfirmed += dropped.0;
+        self.hold_bytes -= dropped.1;
+    }
+
+    /// A read found history. Returns whether the channel is caught up with the top the
+    /// read saw (else it reads on from where this one stopped).
+    fn on_stream(
+        &mut self,
+        channel: &str,
+        n: u64,
+        s: Stream,
+        was_admitted: bool,
+        out: &mut Vec<BusEvent>,
+    ) -> bool {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return true;
+        };
+        match &c.known {
+            Known::Unknown => {
+                self.start_position(channel, n, s, was_admitted, out);
+                return true;
+            }
+            Known::At(p) if p.epoch != s.epoch => {
+                // Redis holds another epoch: confirmed, a reset.
+                let old = p.epoch.clone();
+                self.stats.missed += c.hold.len() as u64 + u64::from(c.behind.is_some());
+                self.hold_bytes -= c
+                    .hold
+                    .values()
+                    .map(|h| h.body.len() + HELD_OVERHEAD)
+                    .sum::<usize>();
+                c.hold.clear();
+                c.behind = None;
+                c.known = Known::At(StreamPosition::new(s.epoch.clone(), 0));
+                self.stats.resets += 1;
+                self.resets.push(Reset {
+                    channel: channel.to_string(),
+                    old,
+                    new: Some(s.epoch.clone()),
+                });
+            }
+            Known::At(_) => {}
+            Known::Empty => c.known = Known::At(StreamPosition::new(s.epoch.clone(), 0)),
+        }
+        self.adopt_claims(channel, n, &s.epoch);
+        self.apply(channel, n, s, out)
+    }
+
+    /// The answer to a position read: the position starts at the top. Claims of that
+    /// epoch at or below it were published before the members joined (dropped, or
+    /// delivered if members were already admitted — a position read that had been
+    /// refused before); those above it are held as any live message.
+    fn start_position(
+        &mut self,
+        channel: &str,
+        n: u64,
+        s: Stream,
+        was_admitted: bool,
+        out: &mut Vec<BusEvent>,
+    ) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        c.known = Known::At(StreamPosition::new(s.epoch.clone(), s.top));
+        // Claims of this epoch at or below the top: published before the members joined
+        // (dropped), or, if they were admitted already (an earlier position read was
+        // refused), theirs (delivered in order, once).
+        let mut mine: Vec<(u64, Bytes)> = Vec::new();
+        let mut freed = 0;
+        c.claims.retain(|(p, h)| {
+            if p.epoch == s.epoch && p.offset <= s.top {
+                freed += h.body.len() + HELD_OVERHEAD;
+                mine.push((p.offset, h.body.clone()));
+                return false;
+            }
+            true
+        });
+        self.hold_bytes -= freed;
+        if was_admitted {
+            mine.sort_by_key(|(o, _)| *o);
+            mine.dedup_by_key(|(o, _)| *o);
+            for (_, body) in mine {
+                self.deliver(channel, body, out);
             }
         }
-        let mut last_read = 0;
-        for (offset, body) in r.entries {
-            last_read = offset;
+        self.adopt_claims(channel, n, &s.epoch);
+        self.settle_above_top(channel, n, s.top);
+        self.release(channel, out);
+    }
+
+    /// Claims of the now confirmed epoch join the hold; claims of any other epoch that
+    /// this read was to settle are dropped (forged, or of a history Redis no longer has).
+    fn adopt_claims(&mut self, channel: &str, n: u64, epoch: &Epoch) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        let last = c.last();
+        let mut freed = 0;
+        for (p, h) in std::mem::take(&mut c.claims) {
+            if p.epoch == *epoch {
+                freed += h.body.len() + HELD_OVERHEAD;
+                if p.offset > last && !c.hold.contains_key(&p.offset) {
+                    freed -= h.body.len() + HELD_OVERHEAD;
+                    c.hold.insert(p.offset, h);
+                }
+            } else if h.seen < n {
+                freed += h.body.len() + HELD_OVERHEAD;
+                self.stats.unconfirmed += 1;
+            } else {
+                c.claims.push((p, h));
+            }
+        }
+        self.hold_bytes -= freed;
+    }
+
+    /// Entries of the confirmed epoch: delivered in order from `last + 1`; holes
+    /// (history no longer has them) are counted missed, and a held message in a hole is
+    /// delivered (its offset is within the top the read confirmed). History's entry,
+    /// not a held copy, is what is delivered. Returns whether the read reached the top.
+    fn apply(&mut self, channel: &str, n: u64, s: Stream, out: &mut Vec<BusEvent>) -> bool {
+        let top = s.top;
+        let covered = s.next.saturating_sub(1).min(top);
+        for (o, body) in s.entries {
+            let Some(c) = self.chans.get(channel) else {
+                return true;
+            };
+            if o > top {
+                continue;
+            }
+            if o <= c.last() {
+                // Delivered live meanwhile; if what was delivered is not history's
+                // entry, it was forged: history's is delivered too, and counted.
+                let hash = self.hasher.hash_one(&body);
+                if c.recent_hash(o).is_some_and(|h| h != hash && h != SETTLED) {
+                    if let Some(c) = self.chans.get_mut(channel) {
+                        c.record(o, SETTLED);
+                    }
+                    self.stats.conflicts += 1;
+                    self.deliver(channel, body, out);
+                }
+                continue;
+            }
+            self.fill_holes(channel, o - 1, out);
+            let Some(c) = self.chans.get_mut(channel) else {
+                return true;
+            };
+            match c.hold.remove(&o) {
+                Some(h) => {
+                    self.hold_bytes -= h.body.len() + HELD_OVERHEAD;
+                    if h.body != body {
+                        self.stats.conflicts += 1; // a forged copy arrived live
+                    }
+                }
+                None => self.stats.repaired += 1,
+            }
+            c.set_last(o);
+            c.record(o, self.hasher.hash_one(&body));
+            self.deliver(channel, body, out);
+        }
+        self.fill_holes(channel, covered, out);
+        if covered < top {
+            return false; // cut short by the read's bounds: read on from `next`
+        }
+        self.settle_above_top(channel, n, top);
+        self.release(channel, out);
+        true
+    }
+
+    /// Moves `last` up to `upto`: held messages on the way are delivered, the rest of
+    /// the offsets counted missed.
+    fn fill_holes(&mut self, channel: &str, upto: u64, out: &mut Vec<BusEvent>) {
+        loop {
             let Some(c) = self.chans.get_mut(channel) else {
                 return;
             };
-            if offset <= c.last {
-                continue; // delivered live meanwhile
-            }
-            if offset > c.last + 1 {
-                self.stats.missed += offset - c.last - 1;
-            }
-            c.last = offset;
-            match c.hold.remove(&offset) {
-                Some(held) => self.hold_bytes -= held.len() + HELD_OVERHEAD,
-                None => self.stats.repaired += 1, // it had not arrived live
-            }
-            self.deliver(channel, body, out);
-        }
-        let Some(c) = self.chans.get_mut(channel) else {
-            return;
-        };
-        let held_below: Vec<u64> = c.hold.range(..=c.last).map(|(o, _)| *o).collect();
-        for o in held_below {
-            if let Some(b) = c.hold.remove(&o) {
-                self.hold_bytes -= b.len() + HELD_OVERHEAD;
-            }
-        }
-        self.release(channel, out);
-        let Some(c) = self.chans.get_mut(channel) else {
-            return;
-        };
-        if last_read < r.top && c.last < r.top {
-            // Cut short by the read's byte limit: read on.
-            return self.want_read(channel);
-        }
-        if c.behind != u64::MAX && c.behind <= c.last {
-            c.behind = 0;
-        }
-        if c.behind == u64::MAX {
-            c.behind = 0; // read to the top: caught up
-        }
-        match c.hold.keys().next().copied() {
-            // History ended below the next held one: what lies between is gone.
-            Some(first) if r.top + 1 >= first => self.skip_gap(channel, out),
-            // Published after the read ran, yet missed live: read again.
-            Some(_) => self.want_read(channel),
-            None if c.behind > c.last => self.want_read(channel),
-            None => {}
-        }
-    }
-
-    /// Gives up on the gap before the first held message (history has none of it):
-    /// counts it missed and delivers what is held.
-    fn skip_gap(&mut self, channel: &str, out: &mut Vec<BusEvent>) {
-        let Some(c) = self.chans.get_mut(channel) else {
-            return;
-        };
-        let next = match (c.hold.keys().next().copied(), c.behind) {
-            (Some(first), _) => first,
-            (None, b) if b > c.last && b != u64::MAX => b + 1,
-            _ => {
-                c.behind = 0;
+            let last = c.last();
+            if upto <= last {
                 return;
             }
-        };
-        self.stats.missed += next - c.last - 1;
-        c.last = next - 1;
-        if c.behind <= c.last || c.behind == u64::MAX {
-            c.behind = 0;
+            match c.hold.first_key_value().map(|(o, _)| *o) {
+                Some(o) if o <= upto => {
+                    let h = c.hold.remove(&o).map(|h| h.body).unwrap_or_default();
+                    self.hold_bytes -= h.len() + HELD_OVERHEAD;
+                    self.stats.missed += o - last - 1;
+                    c.set_last(o);
+                    c.record(o, self.hasher.hash_one(&h));
+                    self.deliver(channel, h, out);
+                }
+                _ => {
+                    self.stats.missed += upto - last;
+                    c.set_last(upto);
+                    return;
+                }
+            }
         }
-        self.release(channel, out);
     }
 
-    /// Another epoch: counted, position back to the start of the new one.
-    fn reset(&mut self, channel: &str, old: Bytes, new: Bytes) {
+    /// After a read reached `top`: held messages above it that arrived before the read
+    /// was sent are forged (a real one would be within the top): dropped, counted.
+    fn settle_above_top(&mut self, channel: &str, n: u64, top: u64) {
         let Some(c) = self.chans.get_mut(channel) else {
             return;
         };
-        self.hold_bytes -= held_size(&c.hold);
-        c.hold.clear();
-        c.epoch = Some(new.clone());
-        c.last = 0;
-        c.behind = 0;
-        c.provisional = None;
-        self.stats.resets += 1;
-        self.resets.push(Reset {
-            channel: channel.to_string(),
-            old,
-            new,
-        });
+        let dropped = drop_settled_hold(c, n, top);
+        self.stats.unconfirmed += dropped.0;
+        self.hold_bytes -= dropped.1;
+        match c.behind {
+            Some((b, _)) if b <= c.last() => c.behind = None,
+            Some((b, seen)) if b > top && seen < n => {
+                c.behind = None;
+                self.stats.unconfirmed += 1;
+            }
+            _ => {}
+        }
     }
 
     /// Delivers held messages that are next in line.
@@ -427,22 +738,20 @@ impl Positions {
             let Some(c) = self.chans.get_mut(channel) else {
                 return;
             };
-            let next = c.last + 1;
-            let Some(body) = c.hold.remove(&next) else {
+            let next = c.last() + 1;
+            if !matches!(c.known, Known::At(_)) {
+                return;
+            }
+            let Some(h) = c.hold.remove(&next) else {
+                if c.behind.is_some_and(|(b, _)| b <= c.last()) {
+                    c.behind = None;
+                }
                 return;
             };
-            self.hold_bytes -= body.len() + HELD_OVERHEAD;
-            c.last = next;
-            self.deliver(channel, body, out);
-        }
-    }
-
-    fn want_read_if_gap(&mut self, channel: &str) {
-        let Some(c) = self.chans.get(channel) else {
-            return;
-        };
-        if !c.hold.is_empty() || c.behind > c.last {
-            self.want_read(channel);
+            self.hold_bytes -= h.body.len() + HELD_OVERHEAD;
+            c.set_last(next);
+            c.record(next, self.hasher.hash_one(&h.body));
+            self.deliver(channel, h.body, out);
         }
     }
 
@@ -470,8 +779,41 @@ impl Positions {
     }
 }
 
-fn held_size(hold: &BTreeMap<u64, Bytes>) -> usize {
-    hold.values().map(|b| b.len() + HELD_OVERHEAD).sum()
+/// Drops claims that arrived before read `n` was sent, unless `keep` says otherwise.
+/// Returns (how many, bytes).
+fn drop_settled_claims(
+    c: &mut Chan,
+    n: u64,
+    keep: impl Fn(&StreamPosition) -> bool,
+) -> (u64, usize) {
+    let mut dropped = (0, 0);
+    c.claims.retain(|(p, h)| {
+        if h.seen < n && !keep(p) {
+            dropped.0 += 1;
+            dropped.1 += h.body.len() + HELD_OVERHEAD;
+            return false;
+        }
+        true
+    });
+    dropped
+}
+
+/// Drops held messages above `top` that arrived before read `n` was sent.
+fn drop_settled_hold(c: &mut Chan, n: u64, top: u64) -> (u64, usize) {
+    let gone: Vec<u64> = c
+        .hold
+        .iter()
+        .filter(|(o, h)| **o > top && h.seen < n)
+        .map(|(o, _)| *o)
+        .collect();
+    let mut dropped = (0, 0);
+    for o in gone {
+        if let Some(h) = c.hold.remove(&o) {
+            dropped.0 += 1;
+            dropped.1 += h.body.len() + HELD_OVERHEAD;
+        }
+    }
+    dropped
 }
 
 #[cfg(test)]

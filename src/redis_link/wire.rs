@@ -69,32 +69,52 @@ impl RedisLink {
         }
         match side {
             Side::Sub => self.on_sub_value(v),
-            Side::Pub => match self.outbox.on_reply(v)? {
-                Reply::Published | Reply::Nothing => Ok(()),
-                Reply::Loaded => {
-                    debug!("redis: history scripts loaded");
-                    Ok(())
+            Side::Pub => {
+                let reply = self.outbox.on_reply(v).map_err(|e| e.why)?;
+                self.on_pub_reply(reply);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_pub_reply(&mut self, reply: Reply) {
+        match reply {
+            Reply::Published { flags } => {
+                if flags != 0 && log_due(&mut self.last_corrupt_log) {
+                    warn!(
+                        "redis: a channel's history keys were corrupt (dedupe value beyond what this instance sent, or a meta hash wsfan did not write): overwritten ({} dedupe, {} meta so far)",
+                        self.outbox.corrupt_dedupe, self.outbox.corrupt_meta
+                    );
                 }
-                Reply::Range(req, r) => {
-                    let r = r.unwrap_or_else(|e| {
-                        if log_due(&mut self.last_oversize_log) {
-                            warn!("redis: history read of {} refused: {e}", req.channel);
-                        }
-                        Default::default()
-                    });
-                    self.positions.on_range(&req, r, &mut self.events);
-                    self.log_resets();
-                    Ok(())
-                }
-                Reply::Refused(e) => {
-                    warn!("redis PUBLISH failed: {e}");
-                    Ok(())
-                }
-                Reply::Pong => {
+            }
+            Reply::Nothing | Reply::Pong => {
+                if reply == Reply::Pong {
                     self.publ.health.on_pong();
-                    Ok(())
                 }
-            },
+            }
+            Reply::Loaded => debug!("redis: history scripts loaded"),
+            Reply::Range(req, r) => {
+                let r = r.map_err(|(reason, e)| {
+                    if log_due(&mut self.last_refused_log) {
+                        warn!(
+                            "redis: history read of channel {} refused ({}): {e}; what it was to confirm is dropped and counted",
+                            req.channel,
+                            reason.label()
+                        );
+                    }
+                });
+                self.positions.on_range(&req, r, &mut self.events);
+                self.log_resets();
+            }
+            Reply::Refused(reason, e) => {
+                if log_due(&mut self.last_refused_log) {
+                    let total: u64 = self.outbox.refused.iter().sum();
+                    warn!(
+                        "redis refused a publish ({}): {e}; dropped and counted ({total} refused so far)",
+                        reason.label()
+                    );
+                }
+            }
         }
     }
 
@@ -134,9 +154,11 @@ impl RedisLink {
                 if let Some(name) = self.subs.on_ack(&ch) {
                     debug!("redis: subscribed channel={name}");
                     if self.outbox.history_on() {
-                        self.positions.on_confirmed(&name);
+                        // Members are admitted once the position read answers.
+                        self.positions.on_confirmed(&name, &mut self.events);
+                    } else {
+                        self.events.push(BusEvent::Subscribed(name));
                     }
-                    self.events.push(BusEvent::Subscribed(name));
                 }
             }
             SubReply::Pong => self.sub.health.on_pong(),

@@ -198,6 +198,9 @@ impl Server {
     }
 
     /// Keepalive: drop open connections silent since the last sweep; ping the rest.
+    /// Silence counts only from what a connection was allowed to send: one whose input
+    /// is paused by backpressure (`in_paused_list`) has its pong unread in the kernel,
+    /// not missing.
     pub(super) fn ping_sweep(&mut self) {
         let mut dead = Vec::new();
         let mut ping = Vec::new();
@@ -205,7 +208,7 @@ impl Server {
             if !c.is_open() {
                 continue;
             }
-            if c.alive {
+            if c.alive || c.in_paused_list {
                 c.alive = false;
                 ping.push(ConnId(k));
             } else {
