@@ -52,10 +52,12 @@ pub enum Reason {
     Http,
     Shutdown,
     IoError,
+    /// Its next fragment would have taken reassembly over `--max-reassembly-bytes`.
+    ReassemblyLimit,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::ClientClose,
         Reason::PeerGone,
         Reason::ProtocolError,
@@ -69,6 +71,7 @@ impl Reason {
         Reason::Http,
         Reason::Shutdown,
         Reason::IoError,
+        Reason::ReassemblyLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -86,6 +89,7 @@ impl Reason {
             Reason::Http => "http",
             Reason::Shutdown => "shutdown",
             Reason::IoError => "io_error",
+            Reason::ReassemblyLimit => "reassembly_limit",
         }
     }
 }

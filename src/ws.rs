@@ -69,6 +69,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Bytes held for a fragmented message under reassembly (its buffer's capacity).
+    pub fn held(&self) -> usize {
+        self.fragments.as_ref().map_or(0, |f| f.1.capacity())
+    }
+
     /// Decodes every complete frame at the front of `buf` (unmasking it in place),
     /// pushing events to `out`. Returns how many bytes were consumed; the rest is a
     /// partial frame to keep until more bytes arrive. Stops after a Close.
@@ -144,7 +149,14 @@ impl Decoder {
                         return Err(Violation::Protocol);
                     };
                     let (kind, data) = *frag;
-                    out.push(message(kind, data.freeze())?);
+                    // The buffer grew by doubling: a message that keeps far less than
+                    // its capacity (history, the fan-out) is copied to its size.
+                    let data = if data.capacity() > data.len() + data.len() / 4 {
+                        Bytes::copy_from_slice(&data)
+                    } else {
+                        data.freeze()
+                    };
+                    out.push(message(kind, data)?);
                 }
             }
             OpCode::Data(d) => {

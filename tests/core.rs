@@ -618,3 +618,46 @@ fn closed_connections_do_not_leave_timers_behind() {
         "peak RSS grew {grew} KiB over 40,000 closed connections"
     );
 }
+
+/// Fragments being reassembled are bounded over all connections
+/// (`--max-reassembly-bytes`): the connection whose fragment goes over is closed 1013,
+/// the others complete their messages, and the budget is free again afterwards.
+#[test]
+fn fragments_under_reassembly_are_bounded_over_all_connections() {
+    let s = Wsfan::start(&["--max-reassembly-bytes", "100000"]);
+    let mut a = connect(&s.url("/ws/frag"));
+    let mut b = connect(&s.url("/ws/frag2"));
+    let half = vec![b'a'; 60_000];
+    let raw = |ws: &mut Ws, fin: bool, opcode: u8, p: &[u8]| {
+        ws.get_mut()
+            .write_all(&masked_frame(fin, opcode, p, [1, 2, 3, 4]))
+            .expect("write");
+    };
+    raw(&mut a, false, 0x1, &half);
+    // A ping between fragments: its pong means a's fragment is held (frames in order).
+    raw(&mut a, true, 0x9, b"sync");
+    match a.read().expect("read") {
+        Message::Pong(p) if &p[..] == b"sync" => {}
+        other => panic!("{other:?}"),
+    }
+    raw(&mut b, false, 0x1, &half);
+    assert_eq!(expect_close(&mut b), 1013);
+    raw(&mut a, true, 0x0, b"end");
+    let whole = recv_text(&mut a);
+    assert_eq!((whole.len(), whole.ends_with("aend")), (60_003, true));
+    assert_eq!(
+        s.metric("wsfan_disconnects_total{reason=\"reassembly_limit\"}"),
+        1.0
+    );
+    // The budget is free again (b's fragment went with b, a's with its message): a
+    // connection that closes mid-message gives its fragment back too.
+    let mut d = connect(&s.url("/ws/frag3"));
+    raw(&mut d, false, 0x1, &half);
+    raw(&mut d, true, 0x8, &[0x03, 0xe8]);
+    assert_eq!(expect_close(&mut d), 1000);
+    let mut c = connect(&s.url("/ws/frag"));
+    raw(&mut c, false, 0x1, &half);
+    raw(&mut c, true, 0x0, b"!");
+    assert_eq!(recv_text(&mut c).len(), 60_001);
+    assert_eq!(recv_text(&mut a).len(), 60_001);
+}

@@ -529,3 +529,47 @@ fn history_gone_during_an_outage_is_counted() {
     next_is_own(&mut ca, "later");
     assert_eq!(recv_text(&mut cb), "later");
 }
+
+/// A Redis that runs no Lua (some managed offerings disable `SCRIPT`/`EVAL`): not ready,
+/// and the log says what to do.
+#[test]
+fn a_redis_without_lua_says_to_turn_history_off() {
+    let redis = Redis::start_with(&["--rename-command", "SCRIPT", "\"\""]);
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str()];
+    args.extend_from_slice(FAST_FAILOVER);
+    let a = Wsfan::start(&args);
+    a.wait_log("--history-size 0", 10.0);
+    assert_eq!(a.status("/readyz"), 503);
+    let off = instance(&redis, &["--history-size", "0"]);
+    let mut c = connect(&off.url("/ws/plain"));
+    next_is_own(&mut c, "works with history off");
+}
+
+/// A top offset lowered behind the stream (an operator's `HSET`, offsets that would be
+/// reused): the next publish moves past the stream's last entry instead of failing, and
+/// nothing is delivered twice or lost.
+#[test]
+fn a_top_offset_behind_the_stream_moves_forward_instead_of_failing() {
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    let mut c = joined(&a, "low");
+    for i in 0..4 {
+        next_is_own(&mut c, &format!("m{i}"));
+    }
+    let _: () = redis::cmd("HSET")
+        .arg(meta("low"))
+        .arg("s")
+        .arg(1)
+        .query(&mut redis.conn())
+        .expect("HSET");
+    for i in 0..3 {
+        next_is_own(&mut c, &format!("after {i}"));
+    }
+    assert_eq!(epoch_and_top(&redis, "low").1, 8);
+    assert_eq!(a.metric("wsfan_history_corrupt_meta_total"), 1.0);
+    assert_eq!(
+        a.metric("wsfan_redis_publish_refused_total{reason=\"other\"}"),
+        0.0
+    );
+}

@@ -90,6 +90,7 @@ fn main() {
     match std::env::var("WSFAN_BENCH_ROLE").as_deref() {
         Ok("floor-writer") => return floor::floor_writer(),
         Ok("floor-reader") => return floor::floor_reader(),
+        Ok("history-memory") => return history::memory_child(),
         _ => {}
     }
     let bench = std::env::args().any(|a| a == "--bench");
@@ -132,5 +133,19 @@ fn main() {
     if only.is_empty() || only == "history" {
         let (n, gap) = if bench { (200_000, 1000) } else { (2000, 100) };
         history::history(n, gap);
+        let (channels, cap) = if bench {
+            (1_000_000, 16 << 20)
+        } else {
+            (20_000, 1 << 20)
+        };
+        history::memory(channels, cap);
+        let gap = if bench { 1000 } else { 20 };
+        history::gap_repair(64, gap);
+        history::gap_repair(60_000, gap);
+        if bench {
+            history::forged_flood(&[10_000, 50_000, 100_000], 3.0);
+        } else {
+            history::forged_flood(&[1000], 0.3);
+        }
     }
 }

@@ -95,6 +95,16 @@ pub const FLAGS: &[Flag] = &[
         },
     },
     Flag {
+        name: "max-reassembly-bytes",
+        hint: "BYTES",
+        default: Dflt::Value("67108864"),
+        help: "fragmented messages being reassembled, over all connections; one that would go over closes 1013",
+        set: |c, n, v| {
+            c.max_reassembly_bytes = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
         name: "max-outbound-bytes",
         hint: "BYTES",
         default: Dflt::Value("1048576"),

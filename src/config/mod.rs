@@ -61,6 +61,10 @@ pub struct Config {
     pub history_size: usize,
     /// A channel's history expires this long after its last publish. Default 300 s.
     pub history_ttl: Duration,
+    /// Bytes of fragmented messages being reassembled, over all connections; a
+    /// connection whose next fragment would go over is closed with 1013 (try again
+    /// later). Each is also bounded by `max_message_size`. Default 64 MiB.
+    pub max_reassembly_bytes: usize,
     /// Live messages held while gaps are read, over all channels. Default 8 MiB.
     pub history_hold_bytes: usize,
     /// Standalone: bytes of history in memory over all channels. Default 64 MiB.
@@ -127,6 +131,7 @@ impl Config {
             history_ttl: Duration::ZERO,
             history_hold_bytes: 0,
             history_memory_bytes: 0,
+            max_reassembly_bytes: 0,
             redis_ping_interval: Duration::ZERO,
             redis_timeout: Duration::ZERO,
             redis_backoff_max: Duration::ZERO,

@@ -26,10 +26,11 @@
 //! * a meta hash whose epoch or top is not what wsfan writes starts a new epoch
 //!   (bit 2): the history began again, and readers count it as a reset;
 //! * a stream whose last entry is at or past the top (offsets reused) moves the top past
-//!   it (bit 2), so `XADD` never fails half-way through a batch.
+//!   it (bit 2) when the batch's first `XADD` finds it, so `XADD` never fails half-way
+//!   through a batch (and the normal path pays nothing for the check).
 //!
-//! Dedupe fields of instances silent for longer than the TTL are pruned when the hash
-//! holds more than `DEDUPE_FIELDS` of them. Writes come after every read, so a refusal
+//! Dedupe fields of instances silent for longer than twice the TTL (plus a minute for
+//! clocks that disagree) are pruned when the hash holds more than `DEDUPE_FIELDS`. Writes come after every read, so a refusal
 //! (`READONLY`, `OOM`, `WRONGTYPE`) happens before anything is written.
 //!
 //! The read script returns the epoch, the top offset, how far it looked and the entries
@@ -47,8 +48,9 @@ use bytes::Bytes;
 use redis::Value;
 
 /// KEYS: meta, stream. ARGV: channel, size, ttl, n, instance, the highest sequence
-/// number this instance ever gave out, then n pairs of sequence number and payload (one
-/// channel's publishes, in order). Returns `{top, flags}` (top 0: all were re-sends
+/// number this instance ever gave out, the instance's clock (Unix seconds: when its
+/// dedupe field was last used, for pruning; Redis's `TIME` would cost every call), then
+/// n pairs of sequence number and payload (one channel's publishes, in order). Returns `{top, flags}` (top 0: all were re-sends
 /// already applied; flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began
 /// again).
 pub const PUBLISH_SCRIPT: &str = r#"
@@ -65,33 +67,43 @@ if m[3] then
 end
 local fresh = 0
 for i = 1, n do
-  if tonumber(ARGV[5 + 2 * i]) > seen then fresh = fresh + 1 end
+  if tonumber(ARGV[6 + 2 * i]) > seen then fresh = fresh + 1 end
 end
 if fresh == 0 then return {0, flags} end
 local epoch, top = m[1], tonumber(m[2] or '0')
-local t = redis.call('TIME')
-local now = tonumber(t[1])
+local now = tonumber(ARGV[7])
 if not epoch or #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$')
    or not top or top < 0 or top ~= math.floor(top) or top > 9007199254740000 then
   if epoch or m[2] then flags = flags + 2 end
-  epoch = string.format('%08x%05x', now, tonumber(t[2]))
+  local t = redis.call('TIME')
+  epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
   redis.call('DEL', meta, stream)
   top = 0
-else
-  local tail = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  if tail[1] then
-    local o = tonumber(string.match(tail[1][1], '^(%d+)'))
-    if o and o >= top + 1 then top = o; flags = bit.bor(flags, 2) end
-  end
 end
 local off = top
 local last = seen
+local first = true
 for i = 1, n do
-  local seq = tonumber(ARGV[5 + 2 * i])
+  local seq = tonumber(ARGV[6 + 2 * i])
   if seq > seen then
     off = off + 1
-    local body = ARGV[6 + 2 * i]
-    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+    local body = ARGV[7 + 2 * i]
+    if first then
+      first = false
+      local r = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+      if type(r) == 'table' and r.err then
+        if not string.find(r.err, 'equal or smaller', 1, true) then
+          return redis.error_reply(r.err)
+        end
+        -- The stream is ahead of the top (offsets reused): move past its last entry.
+        local tail = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+        off = tonumber(string.match(tail[1][1], '^(%d+)')) + 1
+        flags = bit.bor(flags, 2)
+        redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+      end
+    else
+      redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+    end
     redis.call('PUBLISH', ARGV[1], '\0h' .. off .. ':' .. epoch .. ':' .. body)
     last = seq
   end
@@ -100,7 +112,7 @@ if not m[3] and redis.call('HLEN', meta) > DEDUPE_FIELDS then
   local all = redis.call('HGETALL', meta)
   for i = 1, #all, 2 do
     local at = string.match(all[i + 1], ':(%d+)$')
-    if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + tonumber(ARGV[3]) < now) then
+    if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + 2 * tonumber(ARGV[3]) + 60 < now) then
       redis.call('HDEL', meta, all[i])
     end
   end
@@ -227,7 +239,8 @@ impl History {
             .arg(self.ttl)
             .arg(items.len())
             .arg(&self.instance)
-            .arg(max_seq);
+            .arg(max_seq)
+            .arg(unix_now());
         for (seq, body) in items {
             c.arg(*seq).arg(*body);
         }
@@ -248,6 +261,13 @@ impl History {
             .arg(self.max_entry)
             .clone()
     }
+}
+
+/// This machine's clock in Unix seconds (0 if it is before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Parses the publish script's reply: `(top, flags)`.

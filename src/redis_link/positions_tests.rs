@@ -743,3 +743,25 @@ mod model {
         }
     }
 }
+
+/// The window the old provisional state left open: the subscription link drops after
+/// the position read was sent and before anything arrived live. What was published
+/// meanwhile is read once the position is known (a read sent after the re-confirm).
+#[test]
+fn a_link_lost_before_the_position_read_answers_loses_nothing() {
+    let mut p = Positions::new(1 << 20, 1 << 16);
+    let mut out = Vec::new();
+    p.on_confirmed("c", &mut out);
+    let req = p.next_read().expect("position read");
+    // The link drops; 8 and 9 are published meanwhile (after the read ran at top 7).
+    p.on_confirmed("c", &mut out);
+    assert!(out.is_empty(), "not admitted yet");
+    p.on_range(&req, top("e", 7), &mut out);
+    assert_eq!(out, [BusEvent::Subscribed("c".into())]);
+    out.clear();
+    let (r, from) = read_from(&mut p);
+    assert_eq!(from, 8, "the outage is read");
+    p.on_range(&r, range("e", 9, 8..=9), &mut out);
+    assert_eq!(got(&mut out), ["m8", "m9"]);
+    assert!(p.next_read().is_none());
+}

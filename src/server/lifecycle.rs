@@ -32,6 +32,8 @@ impl Server {
         c.reason = Some(reason);
         self.metrics.disconnect(reason); // counted when decided, not when the peer acks
         c.inbuf = Vec::new();
+        // A closing connection's fragments are freed now, and their budget with them.
+        self.reassembly_bytes -= c.decoder.held();
         c.decoder = ws::Decoder::default();
         if let Some(b) = last {
             c.out.push(b);
@@ -49,6 +51,7 @@ impl Server {
             return;
         };
         let _ = self.poll.registry().deregister(&mut c.stream);
+        self.reassembly_bytes -= c.decoder.held();
         let reason = match c.reason {
             Some(r) => r, // counted in begin_close
             None => {

@@ -92,6 +92,9 @@ pub struct Server {
     shutdown_deadline: Option<Instant>,
     bus_events: Vec<BusEvent>,
     ws_events: Vec<ws::Event>,
+    /// Bytes of fragmented messages under reassembly, all connections
+    /// (`--max-reassembly-bytes`).
+    reassembly_bytes: usize,
     ping_frame: Bytes,
     /// Called once when the server is ready (listening and, with Redis, subscribed).
     on_ready: Option<Box<dyn FnOnce()>>,
@@ -142,6 +145,7 @@ impl Server {
             shutdown_deadline: None,
             bus_events: Vec::new(),
             ws_events: Vec::new(),
+            reassembly_bytes: 0,
             ping_frame: ws::ping_frame(),
             on_ready: None,
         })
@@ -170,7 +174,7 @@ impl Server {
         info!(
             "limits: max_connections={} max_message_size={} max_outbound_bytes={} handshake_timeout={:?} \
              ping_interval={:?} max_messages_per_sec={} max_messages_burst={} redis_buffer_messages={} redis_buffer_bytes={} \
-             history_size={} history_ttl={:?} history_hold_bytes={} history_memory_bytes={}",
+             history_size={} history_ttl={:?} history_hold_bytes={} history_memory_bytes={} max_reassembly_bytes={}",
             self.cfg.max_connections,
             self.cfg.max_message_size,
             self.cfg.max_outbound_bytes,
@@ -184,6 +188,7 @@ impl Server {
             self.cfg.history_ttl,
             self.cfg.history_hold_bytes,
             self.cfg.history_memory_bytes,
+            self.cfg.max_reassembly_bytes,
         );
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         let mut now = Instant::now();

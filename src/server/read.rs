@@ -158,6 +158,7 @@ impl Server {
         };
         let max = self.cfg.max_message_size;
         let mut events = std::mem::take(&mut self.ws_events);
+        let held_before = c.decoder.held();
         let result = if c.inbuf.is_empty() {
             let r = c.decoder.decode(data, max, &mut events);
             if let Ok(k) = r {
@@ -175,6 +176,11 @@ impl Server {
             }
             r
         };
+        let held = c.decoder.held();
+        self.reassembly_bytes = self.reassembly_bytes + held - held_before;
+        // Fragments of many connections together would hold too much: the one whose
+        // fragment went over is told to come back later (after its complete messages).
+        let over = held > held_before && self.reassembly_bytes > self.cfg.max_reassembly_bytes;
         for ev in events.drain(..) {
             if !self.conns.get(id.0).is_some_and(Conn::is_open) {
                 break;
@@ -182,6 +188,15 @@ impl Server {
             self.on_ws_event(id, ev, now);
         }
         self.ws_events = events;
+        if over {
+            let why = "server busy reassembling messages, try again later";
+            return self.begin_close(
+                id,
+                Reason::ReassemblyLimit,
+                Some(ws::close_frame(1013, why)),
+                now,
+            );
+        }
         if let Err(v) = result {
             let reason = match v {
                 ws::Violation::Protocol => Reason::ProtocolError,
