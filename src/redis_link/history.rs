@@ -149,6 +149,7 @@ local out = {epoch, top, top + 1}
 local kept, bytes, looked, scanned = 0, 0, 0, 0
 local cursor = from .. '-0'
 local count = 1
+local last = from - 1
 while true do
   local r = redis.call('XRANGE', KEYS[2], cursor, '+', 'COUNT', count)
   if #r == 0 then return out end
@@ -171,8 +172,16 @@ while true do
       return out
     end
     cursor = '(' .. e[1]
+    last = off
   end
-  count = math.max(1, math.min(64, math.floor((budget - bytes) / (scanned / looked + 1))))
+  -- What is left of the budget would not hold an entry of the size seen so far: stop
+  -- here rather than fetch one only to leave it out (`next` is the one after the last).
+  local avg = scanned / looked
+  if kept > 0 and (budget - bytes < avg or kept >= maxn) then
+    out[3] = last + 1
+    return out
+  end
+  count = math.max(1, math.min(64, math.floor((budget - bytes) / (avg + 1))))
 end
 "#;
 /// Entries one read asks for at most.
