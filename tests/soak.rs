@@ -101,6 +101,7 @@ fn chaos_soak() {
     let mut inst: Vec<Wsfan> = (0..INSTANCES).map(start_instance).collect();
     let world = Arc::new(World {
         addrs: inst.iter().map(|s| s.addr).collect(),
+        redis_port: redis.port,
         generations: (0..INSTANCES).map(|_| AtomicU64::new(0)).collect(),
         stop: AtomicBool::new(false),
         stop_churn: AtomicBool::new(false),
@@ -159,6 +160,8 @@ fn chaos_soak() {
         churn_threads.push(std::thread::spawn(move || abuser(w)));
         let w = world.clone();
         churn_threads.push(std::thread::spawn(move || deaf(w)));
+        let w = world.clone();
+        churn_threads.push(std::thread::spawn(move || forger(w)));
     }
 
     // ---- the fault schedule ----
@@ -314,6 +317,10 @@ fn chaos_soak() {
     );
     let (delivered, compared, exempt_missing) =
         (counts.delivered, counts.compared, counts.exempt_missing);
+    let forged: u32 = records.iter().map(|r| r.forged).sum();
+    if forged > 0 {
+        violations.push(format!("{forged} forged envelopes delivered"));
+    }
     // Resources of the instances that ran throughout.
     let mut resources = Vec::new();
     for i in 0..INSTANCES {

@@ -41,6 +41,8 @@ pub struct Record {
     /// Its instance went away under it (restart): completeness is not checked.
     pub cut: bool,
     pub got: Vec<(MsgId, Instant)>,
+    /// Forged envelopes delivered to it (any is a violation).
+    pub forged: u32,
 }
 
 /// A message sent: by whom, when, through which instance, on which channel.
@@ -86,6 +88,8 @@ impl Window {
 
 pub struct World {
     pub addrs: Vec<SocketAddr>,
+    /// The Redis everyone shares (the forger publishes there directly).
+    pub redis_port: u16,
     pub generations: Vec<AtomicU64>,
     pub stop: AtomicBool,
     /// Stops churn and abusers a little before the end (so the final state is quiet).
@@ -128,6 +132,8 @@ fn read_into(
             Got::Frame(1, p) => {
                 if let Some(id) = parse_msg(&p) {
                     rec.got.push((id, Instant::now()));
+                } else if p.starts_with(FORGED) {
+                    rec.forged += 1;
                 }
             }
             Got::Frame(9, p) if answer_pings => {
@@ -151,6 +157,7 @@ impl Record {
             leaving: None,
             cut: false,
             got: Vec::new(),
+            forged: 0,
         }
     }
 }
@@ -273,6 +280,52 @@ pub fn churner(w: Arc<World>, seed: u64) {
             c.kill();
         }
         w.records.lock().unwrap().push(rec);
+    }
+}
+
+/// What forged envelopes carry: never to be delivered.
+pub const FORGED: &[u8] = b"FORGED";
+
+/// A foreign publisher with only PUBLISH rights, through every fault: envelopes with an
+/// epoch nobody confirmed, and with the channel's real epoch (read from its meta hash)
+/// and offsets far ahead, on every soak channel, ~400/s.
+pub fn forger(w: Arc<World>) {
+    let mut n = 0u64;
+    while !w.stop_churn.load(Ordering::SeqCst) {
+        let conn = redis::Client::open(format!("redis://127.0.0.1:{}/", w.redis_port))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)));
+        let Ok(mut r) = conn else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let _ = r.set_read_timeout(Some(Duration::from_secs(1)));
+        while !w.stop_churn.load(Ordering::SeqCst) {
+            let mut p = redis::pipe();
+            for ch in 0..4 {
+                let name = format!("soak{ch}");
+                let (meta, _) = wsfan::redis_link::history::keys(&name);
+                let real: redis::RedisResult<(Option<String>, Option<u64>)> = redis::cmd("HMGET")
+                    .arg(&meta)
+                    .arg("e")
+                    .arg("s")
+                    .query(&mut r);
+                n += 1;
+                p.cmd("PUBLISH")
+                    .arg(&name)
+                    .arg(format!("\0h{}:f{n}:FORGED {n}", 1 + n % 5))
+                    .ignore();
+                if let Ok((Some(e), Some(top))) = real {
+                    p.cmd("PUBLISH")
+                        .arg(&name)
+                        .arg(format!("\0h{}:{e}:FORGED {n}", top + 100_000 + n))
+                        .ignore();
+                }
+            }
+            if p.query::<()>(&mut r).is_err() {
+                break; // Redis restarting: connect again
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
