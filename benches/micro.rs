@@ -3,9 +3,9 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
+use wsfan::backplane::redis::resp::{Next, ReadBuf};
 use wsfan::hub::{ConnId, Hub};
 use wsfan::outq::OutQueue;
-use wsfan::redis_link::resp::{Next, ReadBuf};
 use wsfan::ws::{self, Kind};
 
 /// Hub lookup + the same encoded frame queued on 10,000 members (what a delivery costs

@@ -8,14 +8,14 @@
 //! |------------------|-----------------------------------------------------------------|
 //! | [`server`]       | the mio poll loop, one file per stage: `read` (accept, read),   |
 //! |                  | `routes` (HTTP, upgrades), `fanout` (queue, write), `lifecycle` |
-//! | [`bus`]          | picks the backplane from the config; `LocalBus`, the short one  |
-//! | [`redis_link`]   | the Redis backplane: sans-IO cores (`health`, `subs`, `outbox`, |
-//! |                  | `positions` = gap repair), history scripts (`history`), the I/O |
-//! |                  | shell; RESP framing with a size cap (`resp`)                    |
-//! | [`mem_history`]  | standalone per-channel history in memory, bounded (leaf)        |
-//! | [`backplane`]    | the seam: the `Backplane` trait, `BusEvent`, `BusStats` (leaf)  |
+//! | [`backplane`]    | "everyone else on this channel": the seam (`mod.rs`: the        |
+//! |                  | `Backplane` trait, `BusEvent`, `BusStats`; a leaf), `pick` (the |
+//! |                  | config's choice), and the two backplanes, file for file:       |
+//! |                  | `memory` (standalone, the short example; `memory::history`) and |
+//! |                  | `redis` (sans-IO cores `health`, `subs`, `outbox`, `positions`  |
+//! |                  | = gap repair; the scripts `history`; the I/O shell `mod`,       |
+//! |                  | `wire`; RESP framing with a size cap `resp`; `target` the URL)  |
 //! | [`config`]       | every flag declared once (`FLAGS`): default, help, parser       |
-//! | [`redis_target`] | the parsed `--redis` URL (leaf)                                 |
 //! | [`token`]        | reserved poll tokens, the backplane's range among them (leaf)   |
 //! | [`conn`]         | one connection's state and phases                               |
 //! | [`hub`]          | sans-IO channel registry (channel ⇄ connections)                 |
@@ -32,12 +32,11 @@
 //! | [`listen`]       | the listening socket (`SO_REUSEPORT`)                           |
 //! | [`notify`]       | systemd `READY=1` / `STOPPING=1`                                |
 //!
-//! A new backplane implements [`backplane::Backplane`] (read it and `bus::LocalBus`),
-//! takes tokens from `token`'s backplane range, and is picked in `bus::from_config`;
-//! the loop does not change.
+//! A new backplane implements [`backplane::Backplane`] (read it and
+//! `backplane::memory::LocalBus`), takes tokens from `token`'s backplane range, and is
+//! picked in `backplane::pick::from_config`; the loop does not change.
 
 pub mod backplane;
-pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod envelope;
@@ -47,13 +46,10 @@ pub mod jwt;
 pub mod limits;
 pub mod listen;
 pub mod logging;
-pub mod mem_history;
 pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod outq;
-pub mod redis_link;
-pub mod redis_target;
 pub mod server;
 pub mod static_files;
 pub mod token;

@@ -8,7 +8,7 @@ fn main() {
     if let [_, flag, host, port] = &args[..] {
         if flag == "--resolve" {
             // Internal: the Redis link's name lookup, run as a child process.
-            std::process::exit(wsfan::redis_link::resolve_main(host, port));
+            std::process::exit(wsfan::backplane::redis::resolve_main(host, port));
         }
     }
     let cfg = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {

@@ -298,8 +298,11 @@ impl Metrics {
             "Requests and upgrades refused, by reason.",
             &rejections,
         );
-        let refused = crate::redis_link::outbox::Refused::ALL
-            .map(|r| (r.label(), bus.publish_refused[r as usize]));
+        let refused: Vec<(&str, u64)> = crate::backplane::REFUSED_REASONS
+            .iter()
+            .zip(bus.publish_refused)
+            .map(|(l, n)| (*l, n))
+            .collect();
         labeled(
             &mut s,
             "wsfan_redis_publish_refused_total",

@@ -321,7 +321,7 @@ fn redis_restarted_without_data_delivers_the_new_epoch_from_its_start() {
 /// stream entry), without publishing it: nobody hears of it live.
 fn hide_in_history(redis: &Redis, channel: &str, body: &str) {
     let mut r = redis.conn();
-    let (meta, stream) = wsfan::redis_link::history::keys(channel);
+    let (meta, stream) = wsfan::backplane::redis::history::keys(channel);
     let off: u64 = redis::cmd("HINCRBY")
         .arg(&meta)
         .arg("s")
@@ -367,7 +367,7 @@ fn history_size_and_ttl_hold_in_redis() {
         assert_eq!(recv_text(&mut c), format!("m{i}"));
     }
     let mut r = redis.conn();
-    let (meta, stream) = wsfan::redis_link::history::keys("bounded");
+    let (meta, stream) = wsfan::backplane::redis::history::keys("bounded");
     // `MAXLEN ~`: Redis trims whole stream nodes (stream-node-max-entries, 100), so
     // at least the size is kept and at most one node more.
     let len: i64 = redis::cmd("XLEN").arg(&stream).query(&mut r).expect("XLEN");
@@ -493,7 +493,7 @@ fn a_foreign_plain_publish_is_delivered_with_history_on() {
 /// history once the gap is filled.
 #[test]
 fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
-    use wsfan::redis_link::history::{self, History};
+    use wsfan::backplane::redis::history::{self, History};
     let redis = Redis::start();
     let a = instance(&redis, &["--history-hold-bytes", "3000"]);
     let mut c = connect(&a.url("/ws/burst"));

@@ -19,7 +19,7 @@ fn instance(redis: &Redis, extra: &[&str]) -> Wsfan {
 }
 
 fn meta(channel: &str) -> String {
-    wsfan::redis_link::history::keys(channel).0
+    wsfan::backplane::redis::history::keys(channel).0
 }
 
 /// The channel's epoch and top offset in Redis.
@@ -212,7 +212,7 @@ fn a_gap_of_large_messages_is_repaired_in_seconds_and_bystanders_keep_going() {
     let a = instance(&redis, &[]);
     let mut c = joined(&a, "big");
     let mut by = joined(&a, "bystander");
-    let (meta, stream) = wsfan::redis_link::history::keys("big");
+    let (meta, stream) = wsfan::backplane::redis::history::keys("big");
     let mut r = redis.conn();
     let (_, top) = epoch_and_top(&redis, "big");
     let body = "x".repeat(60_000);
@@ -456,7 +456,7 @@ fn a_message_too_large_for_one_instance_does_not_stick_the_channel_there() {
 /// the channel's history.
 #[test]
 fn a_re_send_after_others_kept_the_channel_alive_is_not_stored_twice() {
-    use wsfan::redis_link::history::{self, History};
+    use wsfan::backplane::redis::history::{self, History};
     let redis = Redis::start();
     let mut r = redis.conn();
     let sha: String = redis::cmd("SCRIPT")

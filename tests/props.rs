@@ -6,7 +6,7 @@ mod common;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use wsfan::redis_link::resp;
+use wsfan::backplane::redis::resp;
 use wsfan::server::routes;
 use wsfan::ws::{Decoder, Event, Kind};
 use wsfan::{envelope, http, hub, jwt};

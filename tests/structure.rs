@@ -1,6 +1,31 @@
-//! The shape of `src/`, checked: the `use` graph between top-level modules has no
-//! circle, and the loop (`server`) reaches backplanes only through the `Backplane`
-//! trait (`backplane`) and the picker (`bus`), never a backplane's internals.
+//! The shape of `src/`, checked by layer, not by file name: the `use` graph between
+//! layers has no circle, and the loop (`server`) reaches backplanes only through the
+//! seam (`backplane`, its `mod.rs`) and the picker (`backplane::pick`), never a
+//! backplane (`backplane::memory`, `backplane::redis`). A layer is a top-level module,
+//! except under `backplane/`, where the seam and each backplane are layers of their own.
+
+/// Sub-layers of `backplane`.
+const BACKPLANES: [&str; 3] = ["memory", "redis", "pick"];
+
+/// The layer of a file under `src/` (`rel` without the `src/`).
+fn layer_of(rel: &std::path::Path) -> String {
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_string()
+        })
+        .collect();
+    match parts.as_slice() {
+        [top, sub, ..] if top == "backplane" && BACKPLANES.contains(&sub.as_str()) => {
+            format!("backplane::{sub}")
+        }
+        [top, ..] => top.clone(),
+        [] => String::new(),
+    }
+}
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,14 +44,7 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
                 continue;
             }
             let rel = path.strip_prefix("src").unwrap();
-            let top = rel
-                .components()
-                .next()
-                .unwrap()
-                .as_os_str()
-                .to_string_lossy()
-                .trim_end_matches(".rs")
-                .to_string();
+            let top = layer_of(rel);
             if top == "lib" || top == "main" {
                 continue;
             }
@@ -43,7 +61,8 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     g
 }
 
-/// Module names after `crate::`, including inside `use crate::{a, b::c}` groups.
+/// Layers named after `crate::`, including inside `use crate::{a, b::c}` groups; under
+/// `crate::backplane::` the sub-layer (`backplane::redis`), or the seam itself.
 fn imports(code: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let ident = |s: &str| -> String {
@@ -51,20 +70,41 @@ fn imports(code: &str) -> BTreeSet<String> {
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect()
     };
+    // `rest` starts just after `crate::` (or after `crate::backplane::`).
+    fn names(rest: &str, ident: &dyn Fn(&str) -> String) -> Vec<String> {
+        match rest.strip_prefix('{') {
+            Some(group) => {
+                let end = group.find('}').unwrap_or(group.len());
+                group[..end]
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .collect()
+            }
+            None => vec![rest.to_string()],
+        }
+        .into_iter()
+        .map(|p| ident(&p))
+        .filter(|n| !n.is_empty())
+        .collect()
+    }
     for (i, _) in code.match_indices("crate::") {
         let rest = &code[i + 7..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for part in group[..end].split(',') {
-                let name = ident(part.trim());
-                if !name.is_empty() {
-                    out.insert(name);
-                }
-            }
-        } else {
-            let name = ident(rest);
-            if !name.is_empty() {
+        for name in names(rest, &ident) {
+            if name != "backplane" {
                 out.insert(name);
+                continue;
+            }
+            let after = rest.find("backplane::").map(|k| &rest[k + 11..]);
+            let subs = after.map(|a| names(a, &ident)).unwrap_or_default();
+            if subs.is_empty() {
+                out.insert(name);
+            }
+            for sub in subs {
+                if BACKPLANES.contains(&sub.as_str()) {
+                    out.insert(format!("backplane::{sub}"));
+                } else {
+                    out.insert("backplane".to_string());
+                }
             }
         }
     }
@@ -115,25 +155,39 @@ fn the_module_graph_has_no_circle() {
 }
 
 #[test]
-fn the_loop_knows_backplanes_only_through_the_trait() {
+fn the_loop_knows_backplanes_only_through_the_seam() {
     let g = graph();
     let server = &g["server"];
     assert!(
-        server.contains("backplane") && server.contains("bus"),
+        server.contains("backplane") && server.contains("backplane::pick"),
         "{server:?}"
     );
-    assert!(
-        !server.contains("redis_link"),
-        "server uses redis_link: {server:?}"
-    );
-    assert!(!server.contains("redis_target"), "{server:?}");
-    // Leaves: the seam, the tokens and the parsed Redis target import nothing of
-    // the loop or of a backplane.
-    for leaf in ["backplane", "token", "redis_target"] {
+    for backplane in ["backplane::redis", "backplane::memory"] {
+        assert!(
+            !server.contains(backplane),
+            "server uses {backplane}: {server:?}"
+        );
+    }
+    // The seam and the tokens import nothing of the loop or of a backplane; the two
+    // backplanes mirror each other and import neither each other nor the loop.
+    for leaf in ["backplane", "token"] {
         let deps = &g[leaf];
-        for bad in ["server", "bus", "redis_link", "config"] {
-            assert!(!deps.contains(bad), "{leaf} imports {bad}");
+        for bad in [
+            "server",
+            "config",
+            "backplane::pick",
+            "backplane::redis",
+            "backplane::memory",
+        ] {
+            assert!(!deps.contains(bad), "{leaf} imports {bad}: {deps:?}");
         }
+    }
+    for (a, b) in [
+        ("backplane::redis", "backplane::memory"),
+        ("backplane::memory", "backplane::redis"),
+    ] {
+        assert!(!g[a].contains(b), "{a} imports {b}");
+        assert!(!g[a].contains("server"), "{a} imports the loop");
     }
 }
 
@@ -148,5 +202,21 @@ fn the_cycle_finder_finds_a_cycle() {
     assert_eq!(
         imports("use crate::{hub::Interest, ws};\nlet x = crate::metrics::Y;"),
         BTreeSet::from(["hub".into(), "ws".into(), "metrics".into()])
+    );
+    assert_eq!(
+        imports("use crate::backplane::{Backplane, redis::X};\nuse crate::backplane::pick::Bus;"),
+        BTreeSet::from([
+            "backplane".into(),
+            "backplane::redis".into(),
+            "backplane::pick".into()
+        ])
+    );
+    assert_eq!(
+        layer_of(std::path::Path::new("backplane/redis/wire.rs")),
+        "backplane::redis"
+    );
+    assert_eq!(
+        layer_of(std::path::Path::new("backplane/mod.rs")),
+        "backplane"
     );
 }

@@ -7,7 +7,7 @@
 use crate::common::{self, connect, recv_text, send_text};
 use crate::start_wsfan;
 use std::time::Instant;
-use wsfan::redis_link::history;
+use wsfan::backplane::redis::history;
 
 /// `n` commands in pipelines of 1,000 on one connection; returns commands/s.
 fn pipelined(conn: &mut redis::Connection, n: usize, cmd: &dyn Fn(usize) -> redis::Cmd) -> f64 {
@@ -120,8 +120,11 @@ pub fn memory_child() {
     );
     let rss = || common::rss_kb(std::process::id());
     let base = rss();
-    let mut h =
-        wsfan::mem_history::MemHistory::new(10_000, std::time::Duration::from_secs(300), cap);
+    let mut h = wsfan::backplane::memory::history::MemHistory::new(
+        10_000,
+        std::time::Duration::from_secs(300),
+        cap,
+    );
     let t = Instant::now();
     let mut keep = Vec::new();
     for i in 0..n {

@@ -2,7 +2,7 @@
 //! RESP framing (scan + ReadBuf) with the redis parser behind it: any bytes, fed in chunks
 //! of 1..32 (first input byte), never panic and never grow the buffer past its limit.
 use libfuzzer_sys::fuzz_target;
-use wsfan::redis_link::resp::{feed, scan};
+use wsfan::backplane::redis::resp::{feed, scan};
 fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;

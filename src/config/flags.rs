@@ -182,7 +182,7 @@ pub const FLAGS: &[Flag] = &[
         default: Dflt::Unset("standalone"),
         help: "redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]",
         set: |c, n, v| {
-            let target = crate::redis_target::Target::parse(v)
+            let target = crate::backplane::redis::target::Target::parse(v)
                 .map_err(|e| invalid(n, &format!("{e}, got {:?}", redact_url(v))))?;
             c.redis = Some(target);
             Ok(())

@@ -49,7 +49,7 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     /// Redis (`redis://[user:pass@]host:port[/db]`, `unix:///path[?db=N]`), parsed.
     /// `None` runs standalone.
-    pub redis: Option<crate::redis_target::Target>,
+    pub redis: Option<crate::backplane::redis::target::Target>,
     /// Prefix prepended to channel names to form Redis channel names. Default empty.
     pub channel_prefix: String,
     /// Messages kept for publishing while Redis is unreachable. Default 10,000.

@@ -17,8 +17,8 @@ mod lifecycle;
 mod read;
 pub mod routes;
 
+use crate::backplane::pick::Bus;
 use crate::backplane::BusEvent;
-use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::Conn;
 use crate::hub::{ConnId, Hub};
@@ -115,7 +115,7 @@ impl Server {
         ])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Ready::READABLE)?;
-        let bus = crate::bus::from_config(&cfg);
+        let bus = crate::backplane::pick::from_config(&cfg);
         let now = Instant::now();
         Ok(Server {
             next_ping: now + cfg.ping_interval,

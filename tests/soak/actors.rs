@@ -303,7 +303,7 @@ pub fn forger(w: Arc<World>) {
             let mut p = redis::pipe();
             for ch in 0..4 {
                 let name = format!("soak{ch}");
-                let (meta, _) = wsfan::redis_link::history::keys(&name);
+                let (meta, _) = wsfan::backplane::redis::history::keys(&name);
                 let real: redis::RedisResult<(Option<String>, Option<u64>)> = redis::cmd("HMGET")
                     .arg(&meta)
                     .arg("e")

@@ -89,13 +89,9 @@ impl Refused {
         Refused::Other,
     ];
 
+    /// Its metrics label: the seam's list, in this enum's order.
     pub fn label(self) -> &'static str {
-        match self {
-            Refused::WrongType => "wrongtype",
-            Refused::NoPerm => "noperm",
-            Refused::BadMeta => "badmeta",
-            Refused::Other => "other",
-        }
+        crate::backplane::REFUSED_REASONS[self as usize]
     }
 
     fn of(code: &str) -> Refused {

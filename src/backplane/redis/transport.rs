@@ -3,7 +3,7 @@
 //! buffer, read buffer, parser). No Pub/Sub logic and no timing here (`health` has it).
 
 use super::resp::ReadBuf;
-use crate::redis_target::{Addr, Target};
+use super::target::{Addr, Target};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};

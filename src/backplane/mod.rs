@@ -6,8 +6,13 @@
 //! clock: it hands the backplane interest changes (first member joined / last left),
 //! publishes, readiness events for the backplane's own tokens (`token::BACKPLANE_*`) and
 //! `now`; once per iteration it calls [`Backplane::tick`] (timers, writes) and drains
-//! [`BusEvent`]s (deliveries, confirmed subscriptions). `bus::LocalBus` (standalone, in
-//! memory) is the shortest complete example; `redis_link::RedisLink` the real one.
+//! [`BusEvent`]s (deliveries, confirmed subscriptions). [`memory::LocalBus`] (standalone,
+//! in memory) is the shortest complete example; [`redis::RedisLink`] the real one;
+//! [`pick::from_config`] chooses. This file imports neither (`tests/structure.rs`).
+
+pub mod memory;
+pub mod pick;
+pub mod redis;
 
 use crate::hub::Interest;
 use crate::ws::Kind;
@@ -28,6 +33,10 @@ pub enum BusEvent {
     Subscribed(String),
 }
 
+/// Why a backplane refused a publish for good, as `BusStats::publish_refused` counts
+/// them (the metrics label).
+pub const REFUSED_REASONS: [&str; 4] = ["wrongtype", "noperm", "badmeta", "other"];
+
 /// Counters the metrics page shows.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BusStats {
@@ -43,7 +52,7 @@ pub struct BusStats {
     pub publish_abandoned: u64,
     /// Connect attempts that failed before the link came up.
     pub connect_failures: u64,
-    /// Publishes Redis refused for good, by `redis_link::outbox::Refused` reason.
+    /// Publishes refused for good, by reason (`REFUSED_REASONS`).
     pub publish_refused: [u64; 4],
     /// History and gap repair (Redis with history on).
     pub history: HistoryStats,

@@ -1,51 +1,20 @@
-//! Picks the backplane the configuration asks for, and the in-memory one.
-//!
-//! [`LocalBus`] is the whole standalone backplane and the shortest example of the
+//! The in-memory backplane: [`LocalBus`] is the whole standalone backplane and the shortest example of the
 //! [`Backplane`] trait: publishes loop straight back as deliveries, in order, and every
 //! channel is always subscribed. It keeps each channel's history in memory
 //! ([`MemHistory`]), as the Redis backplane keeps it in Redis.
 
 use crate::backplane::{Backplane, BusEvent, BusStats};
-use crate::config::Config;
 use crate::hub::Interest;
-use crate::mem_history::MemHistory;
-use crate::redis_link::{health::Timing, RedisLink, Settings};
+pub mod history;
+
 use crate::ws::Kind;
 use bytes::Bytes;
+use history::MemHistory;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// How often quiet channels' history is checked for expiry.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
-
-/// The backplane of this process.
-pub type Bus = Box<dyn Backplane>;
-
-/// Redis with `--redis`, in memory without.
-pub fn from_config(cfg: &Config) -> Bus {
-    match &cfg.redis {
-        Some(target) => Box::new(RedisLink::new(Settings {
-            target: target.clone(),
-            prefix: cfg.channel_prefix.clone(),
-            buffer_messages: cfg.redis_buffer_messages,
-            buffer_bytes: cfg.redis_buffer_bytes,
-            max_payload: cfg.max_message_size,
-            history_size: cfg.history_size,
-            history_ttl: cfg.history_ttl,
-            hold_bytes: cfg.history_hold_bytes,
-            timing: Timing {
-                ping_interval: cfg.redis_ping_interval,
-                timeout: cfg.redis_timeout,
-                backoff_max: cfg.redis_backoff_max,
-            },
-        })),
-        None => Box::new(LocalBus::new(MemHistory::new(
-            cfg.history_size,
-            cfg.history_ttl,
-            cfg.history_memory_bytes,
-        ))),
-    }
-}
 
 /// Standalone: publishes loop straight back as deliveries, in order.
 #[derive(Debug)]

@@ -32,6 +32,7 @@ pub mod outbox;
 pub mod positions;
 pub mod resp;
 pub mod subs;
+pub mod target;
 mod transport;
 mod wire;
 
@@ -39,7 +40,6 @@ pub use transport::resolve_main;
 
 use crate::backplane::{Backplane, BusEvent, BusStats, HistoryStats};
 use crate::hub::Interest;
-use crate::redis_target::Target;
 use crate::token::{REDIS_PUB, REDIS_SUB};
 use crate::{envelope, ws::Kind};
 use bytes::Bytes;
@@ -52,6 +52,7 @@ use outbox::Outbox;
 use positions::Positions;
 use std::time::{Duration, Instant};
 use subs::Subscriptions;
+use target::Target;
 use transport::{Link, Progress, Stream};
 
 /// At most one line per this interval for warnings that could flood the log.

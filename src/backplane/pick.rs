@@ -1,0 +1,36 @@
+//! Picks the backplane the configuration asks for: Redis with `--redis`, in memory
+//! without. The only place that names both.
+
+use crate::backplane::memory::{history::MemHistory, LocalBus};
+use crate::backplane::redis::{health::Timing, RedisLink, Settings};
+use crate::backplane::Backplane;
+use crate::config::Config;
+
+/// The backplane of this process.
+pub type Bus = Box<dyn Backplane>;
+
+/// Redis with `--redis`, in memory without.
+pub fn from_config(cfg: &Config) -> Bus {
+    match &cfg.redis {
+        Some(target) => Box::new(RedisLink::new(Settings {
+            target: target.clone(),
+            prefix: cfg.channel_prefix.clone(),
+            buffer_messages: cfg.redis_buffer_messages,
+            buffer_bytes: cfg.redis_buffer_bytes,
+            max_payload: cfg.max_message_size,
+            history_size: cfg.history_size,
+            history_ttl: cfg.history_ttl,
+            hold_bytes: cfg.history_hold_bytes,
+            timing: Timing {
+                ping_interval: cfg.redis_ping_interval,
+                timeout: cfg.redis_timeout,
+                backoff_max: cfg.redis_backoff_max,
+            },
+        })),
+        None => Box::new(LocalBus::new(MemHistory::new(
+            cfg.history_size,
+            cfg.history_ttl,
+            cfg.history_memory_bytes,
+        ))),
+    }
+}
