@@ -48,7 +48,7 @@ impl std::fmt::Display for Epoch {
 }
 
 /// A message's place: offset `offset` (1, 2, 3…) of history `epoch`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamPosition {
     pub offset: u64,
     pub epoch: Epoch,

@@ -15,6 +15,7 @@ pub mod pick;
 pub mod redis;
 
 use crate::hub::Interest;
+use crate::message::StreamPosition;
 use crate::ws::Kind;
 use bytes::Bytes;
 use mio::{event::Event, Registry};
@@ -28,9 +29,44 @@ pub enum BusEvent {
         channel: String,
         kind: Kind,
         payload: Bytes,
+        /// Its place in the channel's history, as the backplane confirmed it (`None`:
+        /// history off, or a foreign publisher's message without one). A client
+        /// protocol tells its clients this position, so they can recover from it.
+        pos: Option<StreamPosition>,
     },
     /// `channel` is now subscribed: held upgrades for it may complete.
     Subscribed(String),
+    /// The answer to [`Backplane::history`] number `id`.
+    History {
+        id: u64,
+        channel: String,
+        answer: Recovery,
+    },
+}
+
+/// A message from history: its place, kind and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub pos: StreamPosition,
+    pub kind: Kind,
+    pub payload: Bytes,
+}
+
+/// What [`Backplane::history`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Everything published after the position asked for, in order and without a hole,
+    /// up to `top`, the channel's position when the answer was read (`None`: the
+    /// channel has no history). Shared by every asker of one read.
+    Complete {
+        publications: std::sync::Arc<[Publication]>,
+        top: Option<StreamPosition>,
+    },
+    /// History cannot bring the asker up to date: another epoch, trimmed, expired, or
+    /// more than the limit asked for. `top`: where the channel is now, if anywhere.
+    Lost { top: Option<StreamPosition> },
+    /// Not readable now (Redis refused the read, or it is reconnecting): ask again.
+    Failed,
 }
 
 /// Why a backplane refused a publish for good, as `BusStats::publish_refused` counts
@@ -107,6 +143,11 @@ pub trait Backplane {
     fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes);
     /// Whether a publish now would have to drop a buffered message (publish API → 503).
     fn is_full(&self, bytes: usize) -> bool;
+    /// Asks what `channel` published after `since`, at most `limit` publications
+    /// (`since: None`: only where the channel is now). The answer comes as a
+    /// [`BusEvent::History`] carrying `id`, in this iteration or a later one; asks for
+    /// the same channel and position at the same time share one read.
+    fn history(&mut self, id: u64, channel: &str, since: Option<StreamPosition>, limit: usize);
     /// How many bytes of client input the loop may read now without the publishes in
     /// them overflowing the backplane's buffer (`None`: no limit — standalone, or an
     /// outage, where the buffer's drop-oldest rule applies). Below one frame's worth the

@@ -54,11 +54,16 @@ impl Server {
         self.bus.drain(&mut evs);
         for ev in evs.drain(..) {
             match ev {
+                // Plain clients are not told positions (a client protocol will be).
                 BusEvent::Deliver {
                     channel,
                     kind,
                     payload,
+                    pos: _,
                 } => self.fan_out(&channel, kind, payload),
+                // No client protocol asks for history yet (the Centrifugo protocol will,
+                // to recover a reconnecting client).
+                BusEvent::History { .. } => {}
                 BusEvent::Subscribed(channel) => self.release_waiting(&channel, now),
             }
         }

@@ -281,6 +281,13 @@ impl MemHistory {
         Since::Messages(h.entries.iter().filter(|e| e.0 > offset).cloned().collect())
     }
 
+    /// The channel's current position (epoch and top offset), `None` without history.
+    pub fn position(&self, channel: &str) -> Option<crate::message::StreamPosition> {
+        let h = self.chans.get(channel)?;
+        let epoch = crate::message::Epoch::new(self.epoch_of(h.epoch))?;
+        Some(crate::message::StreamPosition::new(epoch, h.top))
+    }
+
     /// The channel's current epoch and top offset.
     pub fn top(&self, channel: &str) -> Option<(Bytes, u64)> {
         self.chans

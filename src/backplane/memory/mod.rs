@@ -7,9 +7,11 @@ use crate::backplane::{Backplane, BusEvent, BusStats};
 use crate::hub::Interest;
 pub mod history;
 
+use crate::backplane::{Publication, Recovery};
+use crate::message::StreamPosition;
 use crate::ws::Kind;
 use bytes::Bytes;
-use history::MemHistory;
+use history::{MemHistory, Since};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -59,11 +61,45 @@ impl Backplane for LocalBus {
             channel: channel.to_string(),
             kind,
             payload,
+            pos: self.history.position(channel),
         });
     }
 
     fn is_full(&self, _: usize) -> bool {
         false
+    }
+
+    /// Answered at once from the history in memory.
+    fn history(&mut self, id: u64, channel: &str, since: Option<StreamPosition>, limit: usize) {
+        let top = self.history.position(channel);
+        let answer = match since {
+            None => Recovery::Complete {
+                publications: Vec::new().into(),
+                top,
+            },
+            Some(p) => match self.history.since(channel, p.epoch.as_bytes(), p.offset) {
+                Since::Messages(m) if m.len() <= limit => match &top {
+                    Some(t) => Recovery::Complete {
+                        publications: m
+                            .into_iter()
+                            .map(|(offset, kind, payload)| Publication {
+                                pos: StreamPosition::new(t.epoch.clone(), offset),
+                                kind,
+                                payload,
+                            })
+                            .collect(),
+                        top,
+                    },
+                    None => Recovery::Lost { top: None },
+                },
+                _ => Recovery::Lost { top },
+            },
+        };
+        self.queue.push_back(BusEvent::History {
+            id,
+            channel: channel.to_string(),
+            answer,
+        });
     }
 
     fn drain(&mut self, out: &mut Vec<BusEvent>) {
@@ -116,16 +152,91 @@ mod tests {
         let got: Vec<_> = out
             .iter()
             .map(|e| match e {
-                BusEvent::Deliver { payload, .. } => payload.clone(),
+                BusEvent::Deliver { payload, pos, .. } => {
+                    (payload.clone(), pos.as_ref().map(|p| p.offset))
+                }
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(got, ["0", "1", "2"]);
+        assert_eq!(
+            got,
+            [
+                ("0".into(), Some(1)),
+                ("1".into(), Some(2)),
+                ("2".into(), Some(3))
+            ],
+            "each delivery carries its place in history"
+        );
         assert_eq!(
             b.history().top("c").map(|t| t.1),
             Some(3),
             "kept in history"
         );
         assert_eq!(b.stats(Instant::now()).published, 3);
+    }
+
+    #[test]
+    fn history_answers_what_followed_a_position_or_says_it_is_lost() {
+        let mut b = LocalBus::new(MemHistory::new(3, Duration::from_secs(60), 1 << 20));
+        for i in 1..=5 {
+            b.publish("c", Kind::Text, Bytes::from(format!("m{i}")));
+        }
+        let mut out = Vec::new();
+        b.drain(&mut out);
+        let top = b.history().position("c").expect("top");
+        let at = |o| Some(StreamPosition::new(top.epoch.clone(), o));
+        let ask = |b: &mut LocalBus, since, limit| {
+            b.history(7, "c", since, limit);
+            let mut out = Vec::new();
+            b.drain(&mut out);
+            match out.pop() {
+                Some(BusEvent::History { id: 7, answer, .. }) => answer,
+                other => panic!("{other:?}"),
+            }
+        };
+        match ask(&mut b, at(3), 10) {
+            Recovery::Complete {
+                publications,
+                top: t,
+            } => {
+                let got: Vec<_> = publications
+                    .iter()
+                    .map(|p| (p.pos.offset, p.payload.clone()))
+                    .collect();
+                assert_eq!(got, [(4, Bytes::from("m4")), (5, Bytes::from("m5"))]);
+                assert_eq!(t, Some(top.clone()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Trimmed (history keeps 3: 3..=5), another epoch, over the limit: lost.
+        assert_eq!(
+            ask(&mut b, at(1), 10),
+            Recovery::Lost {
+                top: Some(top.clone())
+            }
+        );
+        let other = Some(StreamPosition::new(
+            crate::message::Epoch::from_static("zz"),
+            4,
+        ));
+        assert_eq!(
+            ask(&mut b, other, 10),
+            Recovery::Lost {
+                top: Some(top.clone())
+            }
+        );
+        assert_eq!(
+            ask(&mut b, at(2), 2),
+            Recovery::Lost {
+                top: Some(top.clone())
+            }
+        );
+        assert!(matches!(
+            ask(&mut b, None, 10),
+            Recovery::Complete { top: Some(_), .. }
+        ));
+        assert!(
+            matches!(ask(&mut b, at(5), 10), Recovery::Complete { publications, .. } if publications.is_empty())
+        );
     }
 }

@@ -258,6 +258,11 @@ impl History {
 
     pub fn read(&self, sha: &str, redis_channel: &str, req: &ReadReq) -> redis::Cmd {
         let (epoch, from) = req.script_args();
+        self.read_from(sha, redis_channel, epoch, from)
+    }
+
+    /// The read script from `from` of `epoch` (`from` 0: the top only).
+    pub fn read_from(&self, sha: &str, redis_channel: &str, epoch: &[u8], from: u64) -> redis::Cmd {
         redis::cmd("EVALSHA")
             .arg(sha)
             .arg(2)

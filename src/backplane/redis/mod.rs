@@ -30,6 +30,7 @@ pub mod health;
 pub mod history;
 pub mod outbox;
 pub mod positions;
+pub mod recovery;
 pub mod resp;
 pub mod subs;
 pub mod target;
@@ -40,6 +41,7 @@ pub use transport::resolve_main;
 
 use crate::backplane::{Backplane, BusEvent, BusStats, HistoryStats};
 use crate::hub::Interest;
+use crate::message::StreamPosition;
 use crate::token::{REDIS_PUB, REDIS_SUB};
 use crate::{envelope, ws::Kind};
 use bytes::Bytes;
@@ -50,6 +52,7 @@ use mio::event::Event;
 use mio::Registry;
 use outbox::Outbox;
 use positions::Positions;
+use recovery::Recoveries;
 use std::time::{Duration, Instant};
 use subs::Subscriptions;
 use target::Target;
@@ -144,6 +147,8 @@ pub struct RedisLink {
     subs: Subscriptions,
     outbox: Outbox,
     positions: Positions,
+    /// `Backplane::history` asks not yet answered.
+    recoveries: Recoveries,
     events: Vec<BusEvent>,
     rng: u64,
     reconnects: u64,
@@ -185,6 +190,7 @@ impl RedisLink {
             subs: Subscriptions::new(&s.prefix),
             outbox,
             positions: Positions::new(s.hold_bytes, s.max_payload),
+            recoveries: Recoveries::new(s.hold_bytes, s.max_payload),
             target: s.target,
             max_payload: s.max_payload,
             read_budget: READ_BUDGET,
@@ -252,7 +258,8 @@ impl RedisLink {
         }
     }
 
-    /// Sends wanted history reads while the publish link can take them.
+    /// Sends wanted history reads (gap repair first, then asks) while the publish link
+    /// can take them.
     fn send_reads(&mut self) {
         if !self.publ.health.is_up() || !self.outbox.can_send() {
             return;
@@ -263,6 +270,15 @@ impl RedisLink {
             };
             let name = self.subs.redis_name(&req.channel);
             if let Some(cmd) = self.outbox.send_read(&name, req) {
+                self.publ.io.send(&cmd);
+            }
+        }
+        while self.publ.io.pending_out() < PUBLISH_CHUNK {
+            let Some(req) = self.recoveries.next_read() else {
+                break;
+            };
+            let name = self.subs.redis_name(&req.key.0);
+            if let Some(cmd) = self.outbox.send_recover(&name, req) {
                 self.publ.io.send(&cmd);
             }
         }
@@ -319,6 +335,20 @@ impl Backplane for RedisLink {
         let body = envelope::encode(kind, &payload);
         self.outbox.push(self.subs.redis_name(channel), body);
         self.log_drops();
+    }
+
+    /// Read on the publish link, shared with asks of the same channel and position;
+    /// with history off there is nothing to read: `Failed` at once.
+    fn history(&mut self, id: u64, channel: &str, since: Option<StreamPosition>, limit: usize) {
+        if !self.outbox.history_on() {
+            self.events.push(BusEvent::History {
+                id,
+                channel: channel.to_string(),
+                answer: crate::backplane::Recovery::Lost { top: None },
+            });
+            return;
+        }
+        self.recoveries.ask(id, channel, since, limit);
     }
 
     /// Over the limit while flowing too: with backpressure, WebSocket publishers wait
@@ -592,5 +622,146 @@ mod tests {
             };
             assert!(payload.starts_with(format!("message {i:06}").as_bytes()));
         }
+    }
+
+    /// Runs the link in a poll loop until `done` says so (10 s at most).
+    fn drive(
+        link: &mut RedisLink,
+        poll: &mut mio::Poll,
+        out: &mut Vec<BusEvent>,
+        mut done: impl FnMut(&[BusEvent]) -> bool,
+    ) {
+        let mut events = mio::Events::with_capacity(64);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !done(out) {
+            assert!(Instant::now() < end, "timed out; got {out:?}");
+            let now = Instant::now();
+            link.tick(poll.registry(), now);
+            poll.poll(&mut events, Some(Duration::from_millis(10)))
+                .expect("poll");
+            for ev in events.iter() {
+                link.on_event(poll.registry(), ev, Instant::now());
+            }
+            link.resume_reads(poll.registry(), Instant::now());
+            link.drain(out);
+        }
+    }
+
+    /// `Backplane::history` on a real redis-server: asks for one position share a read
+    /// and get what followed it, with positions; another epoch is lost; a top-only ask
+    /// gets the top.
+    #[test]
+    fn history_asks_are_answered_from_a_real_redis() {
+        use crate::backplane::Recovery;
+        use crate::message::Epoch;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        struct Server(std::process::Child);
+        impl Drop for Server {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _redis = Server(
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (see README)"),
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut link = RedisLink::new(Settings {
+            target: Target::parse(&format!("redis://127.0.0.1:{port}")).expect("url"),
+            prefix: String::new(),
+            buffer_messages: 100,
+            buffer_bytes: 1 << 20,
+            max_payload: 65536,
+            history_size: 100,
+            history_ttl: Duration::from_secs(60),
+            hold_bytes: 1 << 20,
+            timing: Timing {
+                ping_interval: Duration::from_secs(3),
+                timeout: Duration::from_secs(5),
+                backoff_max: Duration::from_secs(1),
+            },
+        });
+        let mut poll = mio::Poll::new().expect("poll");
+        let mut out = Vec::new();
+        link.interest(Interest::Subscribe("c".into()));
+        drive(&mut link, &mut poll, &mut out, |o| {
+            o.contains(&BusEvent::Subscribed("c".into()))
+        });
+        for i in 1..=3 {
+            link.publish("c", Kind::Text, Bytes::from(format!("m{i}")));
+        }
+        let delivered = |o: &[BusEvent]| {
+            o.iter()
+                .filter_map(|e| match e {
+                    BusEvent::Deliver { pos, .. } => pos.clone(),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        drive(&mut link, &mut poll, &mut out, |o| delivered(o).len() == 3);
+        let positions = delivered(&out);
+        assert_eq!(
+            positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        out.clear();
+        link.history(1, "c", Some(positions[0].clone()), 10);
+        link.history(2, "c", Some(positions[0].clone()), 10);
+        let other = StreamPosition::new(Epoch::from_static("zz"), 1);
+        link.history(3, "c", Some(other), 10);
+        link.history(4, "c", None, 10);
+        link.history(5, "c", Some(positions[0].clone()), 1);
+        let answers = |o: &[BusEvent]| {
+            o.iter()
+                .filter_map(|e| match e {
+                    BusEvent::History { id, answer, .. } => Some((*id, answer.clone())),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        drive(&mut link, &mut poll, &mut out, |o| answers(o).len() == 5);
+        let mut got = answers(&out);
+        got.sort_by_key(|a| a.0);
+        let top = Some(positions[2].clone());
+        match &got[0].1 {
+            Recovery::Complete {
+                publications,
+                top: t,
+            } => {
+                let m: Vec<_> = publications
+                    .iter()
+                    .map(|p| (p.pos.clone(), p.payload.clone()))
+                    .collect();
+                assert_eq!(
+                    m,
+                    [
+                        (positions[1].clone(), Bytes::from("m2")),
+                        (positions[2].clone(), Bytes::from("m3"))
+                    ]
+                );
+                assert_eq!(t, &top);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(got[1].1, got[0].1, "one read, one answer");
+        assert_eq!(got[2].1, Recovery::Lost { top: top.clone() });
+        assert!(
+            matches!(&got[3].1, Recovery::Complete { publications, top: t } if publications.is_empty() && t == &top)
+        );
+        assert_eq!(got[4].1, Recovery::Lost { top }, "over its limit of 1");
+        assert_eq!(link.recoveries.len(), 0);
     }
 }

@@ -11,6 +11,7 @@
 
 use super::history::{self, History, Shas};
 use super::positions::{Range, ReadReq};
+use super::recovery::RecoverReq;
 use bytes::Bytes;
 use redis::Value;
 use std::collections::VecDeque;
@@ -34,6 +35,7 @@ enum Expect {
     LoadPublish,
     LoadRead,
     Read(ReadReq),
+    Recover(RecoverReq),
 }
 
 /// A publish not yet acknowledged by Redis.
@@ -122,6 +124,8 @@ pub enum Reply {
     /// A history read's answer (`Err`: Redis refused it, or answered nonsense, for
     /// this channel; the link goes on).
     Range(ReadReq, Result<Range, (Refused, String)>),
+    /// A `Backplane::history` read's answer (the same shapes).
+    Recovered(RecoverReq, Result<Range, (Refused, String)>),
 }
 
 /// The link must be dropped: a "not now" refusal (`NOT_NOW`; `code` set, `/readyz`
@@ -229,6 +233,17 @@ impl Outbox {
         };
         let cmd = h.read(sha, redis_channel, &req);
         self.expect.push_back(Expect::Read(req));
+        Some(cmd)
+    }
+
+    /// A read for a `Backplane::history` ask, if the scripts are loaded.
+    pub fn send_recover(&mut self, redis_channel: &str, req: RecoverReq) -> Option<redis::Cmd> {
+        let (Some(h), Some(sha)) = (&self.history, &self.shas.read) else {
+            return None;
+        };
+        let (epoch, from) = req.script_args();
+        let cmd = h.read_from(sha, redis_channel, epoch, from);
+        self.expect.push_back(Expect::Recover(req));
         Some(cmd)
     }
 
@@ -414,6 +429,13 @@ impl Outbox {
                     history::parse_range(other).map_err(|e| (Refused::BadMeta, e)),
                 )),
             },
+            Some(Expect::Recover(req)) => Ok(Reply::Recovered(
+                req,
+                match v {
+                    Value::ServerError(e) => Err((Refused::of(e.code()), format!("{e:?}"))),
+                    other => history::parse_range(other).map_err(|e| (Refused::BadMeta, e)),
+                },
+            )),
             None => Err(format!("unexpected reply {v:?}").into()),
         }
     }

@@ -302,7 +302,7 @@ impl Positions {
     ) {
         let Some(pos) = pos else {
             // No position (a foreign publisher, or history off there): deliver as is.
-            return self.deliver(channel, body, out);
+            return self.deliver(channel, None, body, out);
         };
         let c = match self.chans.get_mut(channel) {
             Some(c) => c,
@@ -334,7 +334,7 @@ impl Positions {
                 Some(h) if h != hash && h != SETTLED => {
                     c.record(offset, SETTLED);
                     self.stats.conflicts += 1;
-                    return self.deliver(channel, body, out);
+                    return self.deliver(channel, Some(offset), body, out);
                 }
                 _ => self.stats.duplicates += 1,
             }
@@ -343,7 +343,7 @@ impl Positions {
         if offset == last + 1 && c.hold.is_empty() {
             c.set_last(offset);
             c.record(offset, hash);
-            return self.deliver(channel, body, out);
+            return self.deliver(channel, Some(offset), body, out);
         }
         match c.hold.entry(offset) {
             std::collections::btree_map::Entry::Occupied(_) => self.stats.duplicates += 1,
@@ -597,8 +597,8 @@ impl Positions {
         if was_admitted {
             mine.sort_by_key(|(o, _)| *o);
             mine.dedup_by_key(|(o, _)| *o);
-            for (_, body) in mine {
-                self.deliver(channel, body, out);
+            for (o, body) in mine {
+                self.deliver(channel, Some(o), body, out);
             }
         }
         self.adopt_claims(channel, n, &s.epoch);
@@ -654,7 +654,7 @@ impl Positions {
                         c.record(o, SETTLED);
                     }
                     self.stats.conflicts += 1;
-                    self.deliver(channel, body, out);
+                    self.deliver(channel, Some(o), body, out);
                 }
                 continue;
             }
@@ -673,7 +673,7 @@ impl Positions {
             }
             c.set_last(o);
             c.record(o, self.hasher.hash_one(&body));
-            self.deliver(channel, body, out);
+            self.deliver(channel, Some(o), body, out);
         }
         self.fill_holes(channel, covered, out);
         if covered < top {
@@ -702,7 +702,7 @@ impl Positions {
                     self.stats.missed += o - last - 1;
                     c.set_last(o);
                     c.record(o, self.hasher.hash_one(&h));
-                    self.deliver(channel, h, out);
+                    self.deliver(channel, Some(o), h, out);
                 }
                 _ => {
                     self.stats.missed += upto - last;
@@ -751,7 +751,7 @@ impl Positions {
             self.hold_bytes -= h.body.len() + HELD_OVERHEAD;
             c.set_last(next);
             c.record(next, self.hasher.hash_one(&h.body));
-            self.deliver(channel, h.body, out);
+            self.deliver(channel, Some(next), h.body, out);
         }
     }
 
@@ -765,16 +765,29 @@ impl Positions {
         }
     }
 
-    fn deliver(&mut self, channel: &str, body: Bytes, out: &mut Vec<BusEvent>) {
+    /// Delivers `body`; `offset` (in the channel's confirmed epoch) is the position the
+    /// delivery carries (`None`: a message without one, from a foreign publisher).
+    fn deliver(
+        &mut self,
+        channel: &str,
+        offset: Option<u64>,
+        body: Bytes,
+        out: &mut Vec<BusEvent>,
+    ) {
         let (kind, payload) = envelope::decode(body);
         if payload.len() > self.max_payload {
             self.stats.oversize += 1;
             return;
         }
+        let pos = match (offset, self.chans.get(channel).map(|c| &c.known)) {
+            (Some(o), Some(Known::At(p))) => Some(StreamPosition::new(p.epoch.clone(), o)),
+            _ => None,
+        };
         out.push(BusEvent::Deliver {
             channel: channel.to_string(),
             kind,
             payload,
+            pos,
         });
     }
 }

@@ -23,6 +23,7 @@ fn got(out: &mut Vec<BusEvent>) -> Vec<String> {
                 Some(String::from_utf8(payload.to_vec()).expect("utf8"))
             }
             BusEvent::Subscribed(_) => None,
+            other => panic!("{other:?}"),
         })
         .collect()
 }
@@ -611,6 +612,8 @@ mod model {
         lossy: bool,
         /// Real messages that reached the instance live (it has evidence of them).
         witnessed: Vec<u64>,
+        /// Where Redis put each real message (by id).
+        placed: HashMap<u64, StreamPosition>,
     }
 
     impl World {
@@ -620,6 +623,7 @@ mod model {
                     self.published += 1;
                     let body = Bytes::from(format!("r{:05}", self.published));
                     let pos = self.redis.publish(body.clone());
+                    self.placed.insert(self.published, pos.clone());
                     self.live.push_back((Some(pos), body));
                 }
                 Op::Arrive => {
@@ -710,6 +714,7 @@ mod model {
                 published: 0,
                 lossy: false,
                 witnessed: Vec::new(),
+                placed: HashMap::new(),
             };
             // Members join a channel that has no history yet: everything is theirs.
             w.p.on_confirmed("c", &mut w.out);
@@ -721,6 +726,14 @@ mod model {
                 w.step(op);
             }
             w.settle();
+            // Every delivery of a real message carries the position Redis gave it.
+            for ev in &w.out {
+                if let BusEvent::Deliver { payload, pos, .. } = ev {
+                    if let Ok(id) = std::str::from_utf8(&payload[1..]).unwrap_or("").parse::<u64>() {
+                        prop_assert_eq!(pos.as_ref(), w.placed.get(&id), "position of r{}", id);
+                    }
+                }
+            }
             let got = got(&mut w.out);
             prop_assert!(!got.iter().any(|m| m == "FORGED"), "forged delivered: {got:?}");
             let mut ids: Vec<u64> = got.iter().map(|m| m[1..].parse().expect("id")).collect();

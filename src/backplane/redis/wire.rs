@@ -106,6 +106,18 @@ impl RedisLink {
                 self.positions.on_range(&req, r, &mut self.events);
                 self.log_resets();
             }
+            Reply::Recovered(req, r) => {
+                let r = r.map_err(|(reason, e)| {
+                    if log_due(&mut self.last_refused_log) {
+                        warn!(
+                            "redis: history read for a client of channel {} refused ({}): {e}",
+                            req.key.0,
+                            reason.label()
+                        );
+                    }
+                });
+                self.recoveries.on_range(&req, r, &mut self.events);
+            }
             Reply::Refused(reason, e) => {
                 if log_due(&mut self.last_refused_log) {
                     let total: u64 = self.outbox.refused.iter().sum();
@@ -250,6 +262,7 @@ impl RedisLink {
             Side::Sub => self.subs.on_down(),
             Side::Pub => {
                 self.positions.on_publish_link_down();
+                self.recoveries.on_down();
                 for ch in self.outbox.on_down() {
                     warn!(
                         "redis: publish to {ch} dropped after {} sends without a reply",
