@@ -133,6 +133,8 @@ pub struct Conn {
     pub refilled: Instant,
     /// Why it is closing (for logs and metrics when it is finally dropped).
     pub reason: Option<Reason>,
+    /// The client protocol it speaks once open.
+    pub proto: crate::protocol::Proto,
 }
 
 impl Conn {
@@ -157,6 +159,7 @@ impl Conn {
             tokens: 0.0,
             refilled: now,
             reason: None,
+            proto: crate::protocol::Proto::Plain,
         }
     }
 

@@ -46,6 +46,21 @@ pub fn authorize(token: Option<&str>, secret: &str, channel: &str, now: u64) -> 
     }
 }
 
+/// Checks `token` for a connection that names its channels later (Centrifugo's
+/// `connect`): signature, algorithm and `exp`; the `channels` claim is checked per
+/// channel with [`authorize`].
+pub fn authenticate(token: Option<&str>, secret: &str, now: u64) -> Result<(), Denied> {
+    let token = token.ok_or(Denied::Unauthorized("token required"))?;
+    let claims = verify(token, secret.as_bytes())?;
+    if let Some(exp) = claims.get("exp") {
+        let exp = exp.as_f64().ok_or(Denied::Unauthorized("bad exp claim"))?;
+        if (now as f64) >= exp {
+            return Err(Denied::Unauthorized("token expired"));
+        }
+    }
+    Ok(())
+}
+
 fn channel_matches(pattern: &str, channel: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => channel.starts_with(prefix),

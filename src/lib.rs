@@ -15,6 +15,7 @@
 //! |                  | `redis` (sans-IO cores `health`, `subs`, `outbox`, `positions`  |
 //! |                  | = gap repair; the scripts `history`; the I/O shell `mod`,       |
 //! |                  | `wire`; RESP framing with a size cap `resp`; `target` the URL)  |
+//! | [`protocol`]     | client protocols: `Proto` (plain, Centrifugo), `centrifugo` codec |
 //! | [`config`]       | every flag declared once (`FLAGS`): default, help, parser       |
 //! | [`token`]        | reserved poll tokens, the backplane's range among them (leaf)   |
 //! | [`conn`]         | one connection's state and phases                               |
@@ -50,6 +51,7 @@ pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod outq;
+pub mod protocol;
 pub mod server;
 pub mod static_files;
 pub mod token;

@@ -95,6 +95,16 @@ pub const FLAGS: &[Flag] = &[
         },
     },
     Flag {
+        name: "max-channels-per-connection",
+        hint: "N",
+        default: Dflt::Value("128"),
+        help: "channels one /connection/websocket client may subscribe to at once (error 106 beyond)",
+        set: |c, n, v| {
+            c.max_channels_per_connection = positive(n, v)?;
+            Ok(())
+        },
+    },
+    Flag {
         name: "max-reassembly-bytes",
         hint: "BYTES",
         default: Dflt::Value("67108864"),

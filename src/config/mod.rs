@@ -65,6 +65,8 @@ pub struct Config {
     /// connection whose next fragment would go over is closed with 1013 (try again
     /// later). Each is also bounded by `max_message_size`. Default 64 MiB.
     pub max_reassembly_bytes: usize,
+    /// Channels one Centrifugo-protocol client may subscribe to at once. Default 128.
+    pub max_channels_per_connection: usize,
     /// Live messages held while gaps are read, over all channels. Default 8 MiB.
     pub history_hold_bytes: usize,
     /// Standalone: bytes of history in memory over all channels. Default 64 MiB.
@@ -132,6 +134,7 @@ impl Config {
             history_hold_bytes: 0,
             history_memory_bytes: 0,
             max_reassembly_bytes: 0,
+            max_channels_per_connection: 0,
             redis_ping_interval: Duration::ZERO,
             redis_timeout: Duration::ZERO,
             redis_backoff_max: Duration::ZERO,

@@ -1,11 +1,13 @@
 //! Fan-out and writing: one encoded frame queued to every member, flushed once per
 //! iteration, slow consumers closed after the fan-out.
 
+use super::centrifugo::Hold;
 use super::{Server, WRITE_BUDGET};
 use crate::backplane::BusEvent;
 use crate::conn::{Conn, Phase, Reason};
 use crate::hub::ConnId;
 use crate::outq::{Flushed, OutQueue, WriteStats};
+use crate::protocol::{centrifugo, Proto};
 use crate::ws::{self, Kind};
 use bytes::Bytes;
 use log::{debug, warn};
@@ -54,29 +56,43 @@ impl Server {
         self.bus.drain(&mut evs);
         for ev in evs.drain(..) {
             match ev {
-                // Plain clients are not told positions (a client protocol will be).
                 BusEvent::Deliver {
                     channel,
                     kind,
                     payload,
-                    pos: _,
-                } => self.fan_out(&channel, kind, payload),
-                // No client protocol asks for history yet (the Centrifugo protocol will,
-                // to recover a reconnecting client).
-                BusEvent::History { .. } => {}
-                BusEvent::Subscribed(channel) => self.release_waiting(&channel, now),
+                    pos,
+                } => self.fan_out(&channel, kind, payload, pos),
+                BusEvent::History {
+                    id,
+                    channel,
+                    answer,
+                } => self.on_history(id, &channel, answer),
+                BusEvent::Subscribed(channel) => {
+                    self.release_waiting(&channel, now);
+                    self.on_subscribed_protocol(&channel);
+                }
             }
         }
         self.bus_events = evs;
     }
 
-    /// Encodes the frame once and queues the same bytes to every open local member.
-    pub(super) fn fan_out(&mut self, channel: &str, kind: Kind, payload: Bytes) {
+    /// Encodes the frame once per protocol (plain, Centrifugo push: only if a member
+    /// speaks it) and queues the same bytes to every open local member. A Centrifugo
+    /// member still setting up this channel has the push held instead (merged after its
+    /// subscribe reply).
+    pub(super) fn fan_out(
+        &mut self,
+        channel: &str,
+        kind: Kind,
+        payload: Bytes,
+        pos: Option<crate::message::StreamPosition>,
+    ) {
         let members = self.hub.members(channel);
         if members.is_empty() {
             return;
         }
-        let frame = ws::data_frame(kind, payload);
+        let mut plain: Option<Bytes> = None;
+        let mut push: Option<Bytes> = None;
         let max = self.cfg.max_outbound_bytes;
         for &m in members {
             let Some(c) = self.conns.get_mut(m.0) else {
@@ -85,9 +101,35 @@ impl Server {
             if !c.is_open() {
                 continue;
             }
+            let frame = match c.proto {
+                Proto::Plain => plain
+                    .get_or_insert_with(|| ws::data_frame(kind, payload.clone()))
+                    .clone(),
+                Proto::Centrifugo => {
+                    let frame = push
+                        .get_or_insert_with(|| {
+                            let p = centrifugo::pub_push(channel, kind, &payload, pos.as_ref());
+                            ws::data_frame(Kind::Text, Bytes::from(p))
+                        })
+                        .clone();
+                    let offset = pos.as_ref().map(|p| p.offset);
+                    match self
+                        .sessions
+                        .get_mut(&m.0)
+                        .map(|s| s.hold(channel, offset, &frame, max))
+                    {
+                        Some(Hold::Held) => continue,
+                        Some(Hold::Over) => {
+                            self.slow.push(m);
+                            continue;
+                        }
+                        Some(Hold::No) | None => frame,
+                    }
+                }
+            };
             match make_room(c, frame.len(), max, &mut self.metrics.writes) {
                 Room::Fits => {
-                    c.out.push(frame.clone());
+                    c.out.push(frame);
                     self.metrics.messages_delivered += 1;
                 }
                 Room::Full => self.slow.push(m),

@@ -35,6 +35,7 @@ impl Server {
         // A closing connection's fragments are freed now, and their budget with them.
         self.reassembly_bytes -= c.decoder.held();
         c.decoder = ws::Decoder::default();
+        self.sessions.remove(&id.0);
         if let Some(b) = last {
             c.out.push(b);
         }
@@ -52,6 +53,7 @@ impl Server {
         };
         let _ = self.poll.registry().deregister(&mut c.stream);
         self.reassembly_bytes -= c.decoder.held();
+        self.sessions.remove(&id.0);
         let reason = match c.reason {
             Some(r) => r, // counted in begin_close
             None => {
@@ -221,9 +223,13 @@ impl Server {
         for id in dead {
             self.drop_conn(id, Reason::PingTimeout);
         }
-        let frame = self.ping_frame.clone();
         for id in ping {
-            self.queue(id, frame.clone());
+            // Centrifugo's clients expect its own ping (`{}`) and answer it.
+            let frame = match self.conns.get(id.0).map(|c| c.proto) {
+                Some(crate::protocol::Proto::Centrifugo) => self.protocol_ping.clone(),
+                _ => self.ping_frame.clone(),
+            };
+            self.queue(id, frame);
         }
     }
 

@@ -12,6 +12,7 @@
 //! HTTP requests and upgrades; `fanout` queues frames and writes; `lifecycle` closes
 //! connections, runs timers, keepalive and the staged shutdown.
 
+mod centrifugo;
 mod fanout;
 mod lifecycle;
 mod read;
@@ -96,6 +97,13 @@ pub struct Server {
     /// (`--max-reassembly-bytes`).
     reassembly_bytes: usize,
     ping_frame: Bytes,
+    /// Centrifugo's ping (`{}` as a text frame), encoded once.
+    protocol_ping: Bytes,
+    /// Centrifugo sessions, by connection key (plain connections have none).
+    sessions: std::collections::HashMap<usize, centrifugo::Session>,
+    /// History asks in flight, by ask id.
+    asks: std::collections::HashMap<u64, centrifugo::Ask>,
+    next_ask_id: u64,
     /// Called once when the server is ready (listening and, with Redis, subscribed).
     on_ready: Option<Box<dyn FnOnce()>>,
 }
@@ -146,6 +154,10 @@ impl Server {
             bus_events: Vec::new(),
             ws_events: Vec::new(),
             reassembly_bytes: 0,
+            protocol_ping: ws::data_frame(ws::Kind::Text, Bytes::from_static(b"{}")),
+            sessions: std::collections::HashMap::new(),
+            asks: std::collections::HashMap::new(),
+            next_ask_id: 0,
             ping_frame: ws::ping_frame(),
             on_ready: None,
         })

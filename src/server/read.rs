@@ -253,6 +253,13 @@ impl Server {
         if !self.charge(id, now) {
             return;
         }
+        if self
+            .conns
+            .get(id.0)
+            .is_some_and(|c| c.proto == crate::protocol::Proto::Centrifugo)
+        {
+            return self.on_protocol_frame(id, payload, now);
+        }
         self.metrics.messages_received += 1;
         if let Some(channel) = self.hub.channels_of(id).next() {
             self.bus.publish(channel, kind, payload);

@@ -148,6 +148,9 @@ impl Server {
     }
 
     fn handle_upgrade(&mut self, id: ConnId, head: Head, now: Instant) {
+        if head.path == "/connection/websocket" {
+            return self.upgrade_protocol(id, head, now);
+        }
         let channel = match upgrade_channel(&head.path, &self.cfg.default_channel) {
             Ok(c) => c.to_string(),
             Err(status) => {
@@ -206,6 +209,38 @@ impl Server {
         }
         // Otherwise the 101 waits for Redis to confirm the SUBSCRIBE (or the handshake
         // deadline, which answers 503).
+    }
+
+    /// `/connection/websocket`: Centrifugo's protocol. Open at once (channels come
+    /// with `subscribe` commands; the token with `connect`).
+    fn upgrade_protocol(&mut self, id: ConnId, head: Head, now: Instant) {
+        if !origin_allowed(
+            head.header("origin"),
+            head.header("host"),
+            &self.cfg.allowed_origins,
+        ) {
+            let r = Response::text(403, "origin not allowed");
+            return self.refuse(id, r, Rejection::Origin, now);
+        }
+        let keys = head
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "sec-websocket-key")
+            .count();
+        let Some(response) = head.upgrade_response().filter(|_| keys == 1) else {
+            let r = Response::text(400, "invalid websocket handshake");
+            return self.refuse(id, r, Rejection::BadRequest, now);
+        };
+        let Some(c) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        c.proto = crate::protocol::Proto::Centrifugo;
+        c.phase = Phase::AwaitSub(Box::new(Held {
+            response,
+            channel: "".into(),
+        }));
+        self.sessions.insert(id.0, Default::default());
+        self.open_ws(id, now);
     }
 
     fn start_publish(&mut self, id: ConnId, head: Head, now: Instant) {

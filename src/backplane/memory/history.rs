@@ -281,6 +281,33 @@ impl MemHistory {
         Since::Messages(h.entries.iter().filter(|e| e.0 > offset).cloned().collect())
     }
 
+    /// The channel's position, beginning a history (an epoch, offset 0) if it has none:
+    /// a client is about to be told where it is. `None` with history off.
+    pub fn begin(&mut self, channel: &str, now: Instant) -> Option<crate::message::StreamPosition> {
+        if self.size == 0 {
+            return None;
+        }
+        if !self.chans.contains_key(channel) {
+            if self.chans.len() >= self.max_chans {
+                self.evict(channel);
+            }
+            self.made += 1;
+            let cost = alloc_cost(channel.len()) + ring_cost(1);
+            self.bytes += cost;
+            self.chans.insert(
+                channel.into(),
+                Hist {
+                    epoch: self.made,
+                    top: 0,
+                    entries: VecDeque::with_capacity(1),
+                    bytes: cost,
+                    last_at: now,
+                },
+            );
+        }
+        self.position(channel)
+    }
+
     /// The channel's current position (epoch and top offset), `None` without history.
     pub fn position(&self, channel: &str) -> Option<crate::message::StreamPosition> {
         let h = self.chans.get(channel)?;

@@ -71,7 +71,10 @@ impl Backplane for LocalBus {
 
     /// Answered at once from the history in memory.
     fn history(&mut self, id: u64, channel: &str, since: Option<StreamPosition>, limit: usize) {
-        let top = self.history.position(channel);
+        let top = match since {
+            None => self.history.begin(channel, Instant::now()),
+            Some(_) => self.history.position(channel),
+        };
         let answer = match since {
             None => Recovery::Complete {
                 publications: Vec::new().into(),

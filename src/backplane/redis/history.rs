@@ -127,7 +127,8 @@ return {off, flags}
 pub const DEDUPE_FIELDS: usize = 64;
 
 /// KEYS: meta, stream. ARGV: epoch known, first offset, max entries, max bytes, max
-/// entry bytes. Returns `{epoch or nil, top, next, offset, payload, …}`: no entries for
+/// entry bytes, `1` to begin a history (epoch, top 0) when the channel has none (a
+/// client is about to be told its position), the TTL for it. Returns `{epoch or nil, top, next, offset, payload, …}`: no entries for
 /// first offset 0 (a position read), else from the first offset if the epoch matches,
 /// else from the start; at least one entry if any, then as many as fit in max bytes.
 /// Entries larger than max entry bytes (not written by wsfan, or by an instance with a
@@ -136,7 +137,17 @@ pub const DEDUPE_FIELDS: usize = 64;
 pub const READ_SCRIPT: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
 local epoch, top = m[1], tonumber(m[2] or '0')
-if not epoch then return {false, 0, 0} end
+if not epoch then
+  if ARGV[6] ~= '1' then return {false, 0, 0} end
+  -- A client is told a position now: the history it is in begins here (the publish
+  -- script takes this epoch up).
+  local t = redis.call('TIME')
+  epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  return {epoch, 0, 1}
+end
 if #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$') or not top or top < 0
    or top ~= math.floor(top) or top > 9007199254740000 then
   return redis.error_reply('BADMETA the history meta hash of this channel is corrupt')
@@ -258,11 +269,20 @@ impl History {
 
     pub fn read(&self, sha: &str, redis_channel: &str, req: &ReadReq) -> redis::Cmd {
         let (epoch, from) = req.script_args();
-        self.read_from(sha, redis_channel, epoch, from)
+        self.read_from(sha, redis_channel, epoch, from, false)
     }
 
-    /// The read script from `from` of `epoch` (`from` 0: the top only).
-    pub fn read_from(&self, sha: &str, redis_channel: &str, epoch: &[u8], from: u64) -> redis::Cmd {
+    /// The read script from `from` of `epoch` (`from` 0: the top only); `begin`: a
+    /// channel without history gets one (epoch, top 0), so a client can be told a
+    /// position to recover from later.
+    pub fn read_from(
+        &self,
+        sha: &str,
+        redis_channel: &str,
+        epoch: &[u8],
+        from: u64,
+        begin: bool,
+    ) -> redis::Cmd {
         redis::cmd("EVALSHA")
             .arg(sha)
             .arg(2)
@@ -273,6 +293,8 @@ impl History {
             .arg(READ_COUNT)
             .arg(READ_BYTES)
             .arg(self.max_entry)
+            .arg(if begin { "1" } else { "0" })
+            .arg(self.ttl)
             .clone()
     }
 }

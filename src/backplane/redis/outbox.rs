@@ -242,7 +242,7 @@ impl Outbox {
             return None;
         };
         let (epoch, from) = req.script_args();
-        let cmd = h.read_from(sha, redis_channel, epoch, from);
+        let cmd = h.read_from(sha, redis_channel, epoch, from, from == 0);
         self.expect.push_back(Expect::Recover(req));
         Some(cmd)
     }

@@ -1,0 +1,403 @@
+//! The loop's side of Centrifugo's client protocol (`/connection/websocket`): a session
+//! per connection (connected, token, subscriptions being set up), commands handled,
+//! history asks routed, live pushes held while a subscription is set up and merged
+//! after it by offset. The codec is `protocol::centrifugo`; the backplane is reached
+//! through the `Backplane` trait only.
+//!
+//! Subscribing in the safe order: join the channel (so live messages start arriving),
+//! wait until the backplane has it subscribed, ask history from the client's position
+//! (or just the top), hold live pushes meanwhile, reply with what history returned,
+//! then deliver the held pushes past the last position the reply covered. A position
+//! history no longer covers, or another epoch, gives `recovered: false` — never a
+//! silent gap.
+
+use super::{ConnId, Server};
+use crate::backplane::{Publication, Recovery};
+use crate::conn::Reason;
+use crate::hub::valid_channel_name;
+use crate::message::StreamPosition;
+use crate::protocol::centrifugo::{self as proto, Command, ErrorCode, Line};
+use crate::ws::{self, Kind};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// A subscription being set up: live pushes are held until history has answered.
+#[derive(Debug)]
+pub(super) struct SetUp {
+    cmd_id: u32,
+    recover: Option<StreamPosition>,
+    recover_asked: bool,
+    /// The history ask in flight (`None`: waiting for the backplane's subscription).
+    ask: Option<u64>,
+    /// Pushes that arrived meanwhile: offset (if any) and the encoded frame.
+    held: Vec<(Option<u64>, Bytes)>,
+    held_bytes: usize,
+}
+
+/// One Centrifugo client.
+#[derive(Debug, Default)]
+pub(super) struct Session {
+    connected: bool,
+    token: Option<String>,
+    setting_up: HashMap<Box<str>, SetUp>,
+}
+
+/// What a history ask is for.
+#[derive(Debug)]
+pub(super) enum Ask {
+    Subscribe {
+        conn: ConnId,
+        serial: u64,
+    },
+    History {
+        conn: ConnId,
+        serial: u64,
+        cmd_id: u32,
+    },
+}
+
+fn text_frame(s: String) -> Bytes {
+    ws::data_frame(Kind::Text, Bytes::from(s))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Server {
+    /// A text (or binary) message from a Centrifugo client: its commands, in order.
+    pub(super) fn on_protocol_frame(&mut self, id: ConnId, payload: Bytes, now: Instant) {
+        let lines = match proto::parse(&payload) {
+            Ok(l) => l,
+            Err(why) => return self.protocol_close(id, proto::CLOSE_BAD_REQUEST, why, now),
+        };
+        for line in lines {
+            if !self.conns.get(id.0).is_some_and(|c| c.is_open()) {
+                return;
+            }
+            match line {
+                Line::Pong => {}
+                Line::Refused(cmd_id, code) => self.reply(id, proto::error_reply(cmd_id, code)),
+                Line::Request(r) => self.on_command(id, r.id, r.cmd, now),
+            }
+        }
+    }
+
+    fn reply(&mut self, id: ConnId, s: String) {
+        self.queue(id, text_frame(s));
+    }
+
+    fn protocol_close(&mut self, id: ConnId, code: u16, why: &str, now: Instant) {
+        self.begin_close(
+            id,
+            Reason::ProtocolError,
+            Some(ws::close_frame(code, why)),
+            now,
+        );
+    }
+
+    fn on_command(&mut self, id: ConnId, cmd_id: u32, cmd: Command, now: Instant) {
+        let connected = self.sessions.get(&id.0).is_some_and(|s| s.connected);
+        match cmd {
+            Command::Connect { token } => {
+                if connected {
+                    return self.protocol_close(id, proto::CLOSE_BAD_REQUEST, "connect twice", now);
+                }
+                if let Some(secret) = &self.cfg.jwt_secret {
+                    match crate::jwt::authenticate(token.as_deref(), secret, unix_now()) {
+                        Ok(()) => {}
+                        Err(crate::jwt::Denied::Unauthorized("token expired")) => {
+                            return self
+                                .reply(id, proto::error_reply(cmd_id, ErrorCode::TokenExpired))
+                        }
+                        Err(_) => {
+                            return self
+                                .reply(id, proto::error_reply(cmd_id, ErrorCode::Unauthorized))
+                        }
+                    }
+                }
+                let s = self.sessions.entry(id.0).or_default();
+                s.connected = true;
+                s.token = token;
+                let client = format!("{:016x}", self.next_serial ^ (id.0 as u64) << 40);
+                let ping = self.cfg.ping_interval.as_secs().max(1);
+                self.reply(id, proto::connect_reply(cmd_id, &client, ping));
+            }
+            _ if !connected => {
+                self.protocol_close(id, proto::CLOSE_BAD_REQUEST, "command before connect", now)
+            }
+            Command::Subscribe {
+                channel,
+                recover,
+                recover_asked,
+            } => self.subscribe(id, cmd_id, channel, recover, recover_asked, now),
+            Command::Unsubscribe { channel } => {
+                if let Some(s) = self.sessions.get_mut(&id.0) {
+                    s.setting_up.remove(channel.as_str());
+                }
+                if let Some(i) = self.hub.leave(id, &channel) {
+                    self.bus.interest(i);
+                }
+                self.reply(id, proto::empty_reply(cmd_id, "unsubscribe"));
+            }
+            Command::Publish { channel, data } => {
+                if let Err(code) = self.allowed(id, &channel) {
+                    return self.reply(id, proto::error_reply(cmd_id, code));
+                }
+                if data.len() > self.cfg.max_message_size {
+                    return self.reply(id, proto::error_reply(cmd_id, ErrorCode::LimitExceeded));
+                }
+                self.metrics.messages_received += 1;
+                self.bus.publish(&channel, Kind::Text, data);
+                self.reply(id, proto::empty_reply(cmd_id, "publish"));
+            }
+            Command::History {
+                channel,
+                limit,
+                since,
+                reverse,
+            } => {
+                if let Err(code) = self.allowed(id, &channel) {
+                    return self.reply(id, proto::error_reply(cmd_id, code));
+                }
+                if reverse || limit < 0 || limit as usize > self.cfg.history_size.max(1) {
+                    return self.reply(id, proto::error_reply(cmd_id, ErrorCode::BadRequest));
+                }
+                let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
+                let ask = self.next_ask();
+                self.asks.insert(
+                    ask,
+                    super::centrifugo::Ask::History {
+                        conn: id,
+                        serial,
+                        cmd_id,
+                    },
+                );
+                let since = if limit == 0 { None } else { since };
+                self.bus.history(ask, &channel, since, limit as usize);
+            }
+        }
+    }
+
+    fn next_ask(&mut self) -> u64 {
+        self.next_ask_id += 1;
+        self.next_ask_id
+    }
+
+    /// Whether this client may use `channel`: a valid name, and one its token's
+    /// `channels` claim covers (if the server checks tokens).
+    fn allowed(&self, id: ConnId, channel: &str) -> Result<(), ErrorCode> {
+        if !valid_channel_name(channel) {
+            return Err(ErrorCode::UnknownChannel);
+        }
+        let Some(secret) = &self.cfg.jwt_secret else {
+            return Ok(());
+        };
+        let token = self.sessions.get(&id.0).and_then(|s| s.token.as_deref());
+        match crate::jwt::authorize(token, secret, channel, unix_now()) {
+            Ok(()) => Ok(()),
+            Err(crate::jwt::Denied::Forbidden) => Err(ErrorCode::PermissionDenied),
+            Err(_) => Err(ErrorCode::TokenExpired),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        id: ConnId,
+        cmd_id: u32,
+        channel: String,
+        recover: Option<StreamPosition>,
+        recover_asked: bool,
+        _now: Instant,
+    ) {
+        if let Err(code) = self.allowed(id, &channel) {
+            return self.reply(id, proto::error_reply(cmd_id, code));
+        }
+        let already = self.hub.channels_of(id).any(|c| c == channel);
+        if already {
+            return self.reply(id, proto::error_reply(cmd_id, ErrorCode::AlreadySubscribed));
+        }
+        if self.hub.channels_of(id).count() >= self.cfg.max_channels_per_connection {
+            return self.reply(id, proto::error_reply(cmd_id, ErrorCode::LimitExceeded));
+        }
+        if let Some(i) = self.hub.join(id, &channel) {
+            self.bus.interest(i);
+        }
+        let Some(s) = self.sessions.get_mut(&id.0) else {
+            return;
+        };
+        s.setting_up.insert(
+            channel.as_str().into(),
+            SetUp {
+                cmd_id,
+                recover,
+                recover_asked,
+                ask: None,
+                held: Vec::new(),
+                held_bytes: 0,
+            },
+        );
+        if self.bus.is_subscribed(&channel) {
+            self.ask_history(id, &channel);
+        }
+        // Otherwise asked when the backplane confirms the channel (`on_subscribed`).
+    }
+
+    /// Asks history for a subscription being set up on `channel`.
+    fn ask_history(&mut self, id: ConnId, channel: &str) {
+        let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
+        let ask = self.next_ask();
+        let Some(set) = self
+            .sessions
+            .get_mut(&id.0)
+            .and_then(|s| s.setting_up.get_mut(channel))
+        else {
+            return;
+        };
+        if set.ask.is_some() {
+            return;
+        }
+        set.ask = Some(ask);
+        let since = set.recover.clone();
+        self.asks.insert(ask, Ask::Subscribe { conn: id, serial });
+        let limit = if since.is_some() {
+            self.cfg.history_size
+        } else {
+            0
+        };
+        self.bus.history(ask, channel, since, limit);
+    }
+
+    /// The backplane subscribed `channel`: subscriptions waiting for it ask history.
+    pub(super) fn on_subscribed_protocol(&mut self, channel: &str) {
+        let waiting: Vec<ConnId> = self
+            .hub
+            .members(channel)
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.sessions
+                    .get(&m.0)
+                    .and_then(|s| s.setting_up.get(channel))
+                    .is_some_and(|set| set.ask.is_none())
+            })
+            .collect();
+        for id in waiting {
+            self.ask_history(id, channel);
+        }
+    }
+
+    /// A history answer from the backplane.
+    pub(super) fn on_history(&mut self, ask: u64, channel: &str, answer: Recovery) {
+        match self.asks.remove(&ask) {
+            Some(Ask::Subscribe { conn, serial })
+                if self.conns.get(conn.0).is_some_and(|c| c.serial == serial) =>
+            {
+                self.finish_subscribe(conn, channel, ask, answer);
+            }
+            Some(Ask::History {
+                conn,
+                serial,
+                cmd_id,
+            }) => {
+                if self.conns.get(conn.0).is_none_or(|c| c.serial != serial) {
+                    return;
+                }
+                let s = match &answer {
+                    Recovery::Complete { publications, top } => {
+                        proto::history_reply(cmd_id, publications, top.as_ref())
+                    }
+                    Recovery::Lost { .. } => proto::error_reply(cmd_id, ErrorCode::Unrecoverable),
+                    Recovery::Failed => proto::error_reply(cmd_id, ErrorCode::NotAvailable),
+                };
+                self.reply(conn, s);
+            }
+            Some(Ask::Subscribe { .. }) | None => {}
+        }
+    }
+
+    fn finish_subscribe(&mut self, id: ConnId, channel: &str, ask: u64, answer: Recovery) {
+        let Some(set) = self
+            .sessions
+            .get_mut(&id.0)
+            .and_then(|s| s.setting_up.get(channel))
+        else {
+            return;
+        };
+        if set.ask != Some(ask) {
+            return;
+        }
+        let Some(set) = self
+            .sessions
+            .get_mut(&id.0)
+            .and_then(|s| s.setting_up.remove(channel))
+        else {
+            return;
+        };
+        let empty: std::sync::Arc<[Publication]> = Vec::new().into();
+        // (reply, the last offset it covers)
+        let (reply, covered) = match (&answer, &set.recover) {
+            (Recovery::Failed, _) => {
+                if let Some(i) = self.hub.leave(id, channel) {
+                    self.bus.interest(i);
+                }
+                return self.reply(id, proto::error_reply(set.cmd_id, ErrorCode::NotAvailable));
+            }
+            (Recovery::Complete { publications, .. }, Some(from)) => {
+                let last = publications.last().map_or(from.offset, |p| p.pos.offset);
+                let r = proto::subscribe_reply(set.cmd_id, Some(from), publications, true, true);
+                (r, last)
+            }
+            (Recovery::Complete { top, .. } | Recovery::Lost { top }, _) => {
+                let r = proto::subscribe_reply(
+                    set.cmd_id,
+                    top.as_ref(),
+                    &empty,
+                    set.recover_asked,
+                    false,
+                );
+                (r, top.as_ref().map_or(0, |t| t.offset))
+            }
+        };
+        self.reply(id, reply);
+        for (offset, frame) in set.held {
+            if offset.is_none_or(|o| o > covered) {
+                self.queue(id, frame);
+                self.metrics.messages_delivered += 1;
+            }
+        }
+    }
+}
+
+/// What `Session::hold` did with a push.
+pub(super) enum Hold {
+    /// Not setting up that channel: deliver it.
+    No,
+    Held,
+    /// Held pushes went over the output cap: the connection is a slow consumer.
+    Over,
+}
+
+impl Session {
+    /// Holds a push for `channel` while its subscription is set up.
+    pub(super) fn hold(
+        &mut self,
+        channel: &str,
+        offset: Option<u64>,
+        frame: &Bytes,
+        max: usize,
+    ) -> Hold {
+        let Some(set) = self.setting_up.get_mut(channel) else {
+            return Hold::No;
+        };
+        set.held_bytes += frame.len();
+        if set.held_bytes > max {
+            return Hold::Over;
+        }
+        set.held.push((offset, frame.clone()));
+        Hold::Held
+    }
+}

@@ -1,0 +1,318 @@
+//! Centrifugo's client protocol on `/connection/websocket` (issue 17, first part): the
+//! official `centrifuge` SDK (npm, pinned in `tests/sdk/package.json`, run by Node)
+//! connects, subscribes with recovery, publishes and receives; its instance is
+//! SIGKILLed mid-stream and it recovers on the other instance behind the same
+//! `--reuse-port` port: every message once, in order, `recovered: true`. Plus bad
+//! protocol input from a raw WebSocket client.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+/// The SDK in a Node child: its events as JSON values, its stdin to publish.
+struct Sdk {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Sdk {
+    fn start(url: &str, channel: &str) -> Sdk {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk");
+        if !std::path::Path::new(&format!("{dir}/node_modules/centrifuge")).exists() {
+            let ok = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(dir)
+                .status()
+                .expect("npm must be installed (see README)");
+            assert!(ok.success(), "npm ci in tests/sdk failed");
+        }
+        let mut child = Command::new("node")
+            .arg(format!("{dir}/follow.mjs"))
+            .args([url, channel])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node must be installed (see README)");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Sdk {
+            stdin: child.stdin.take(),
+            child,
+            events,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most `secs`) until an event satisfies `pred`; returns it.
+    fn wait(
+        &mut self,
+        secs: f64,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("timed out waiting for {what}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    fn publish(&mut self, data: &serde_json::Value) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{data}").expect("write to node");
+    }
+
+    /// The `data` of every publication seen so far.
+    fn pubs(&self) -> Vec<serde_json::Value> {
+        self.seen
+            .iter()
+            .filter(|e| e["event"] == "pub")
+            .map(|e| e["data"].clone())
+            .collect()
+    }
+}
+
+impl Drop for Sdk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn instance_on(redis: &Redis, port: u16) -> Wsfan {
+    let url = redis.url();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--redis",
+        url.as_str(),
+        "--listen",
+        listen.as_str(),
+        "--reuse-port",
+    ];
+    args.extend_from_slice(FAST_FAILOVER);
+    let s = Wsfan::start(&args);
+    eventually(10.0, "instance ready", || s.status("/readyz") == 200);
+    s
+}
+
+/// The SDK follows a channel across the death of its instance: every message, once, in
+/// order, `recovered: true`; its own publishes and a plain client's arrive too.
+#[test]
+fn the_sdk_recovers_everything_on_another_instance_after_its_own_is_killed() {
+    let redis = Redis::start();
+    let port = free_port();
+    let mut a = instance_on(&redis, port);
+    let mut b = instance_on(&redis, port);
+    let url = format!("ws://127.0.0.1:{port}/connection/websocket");
+    let mut sdk = Sdk::start(&url, "room");
+    let first = sdk.wait(10.0, "subscribed", |e| e["event"] == "subscribed");
+    assert_eq!(first["recovered"], false);
+    // A plain client publishes through whichever instance it lands on; the SDK too.
+    sdk.publish(&serde_json::json!({"n": 0, "from": "sdk"}));
+    sdk.wait(5.0, "own publish", |e| {
+        e["event"] == "pub" && e["data"]["from"] == "sdk"
+    });
+    // Which instance holds the SDK (its WebSocket is the only open connection there
+    // besides this /metrics request).
+    let on_a = a.metric("wsfan_connections") > b.metric("wsfan_connections");
+    // Another publisher, straight into Redis through the history script (as a third
+    // instance would): numbered messages while the SDK's instance dies.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let stop = stop.clone();
+        let port = redis.port;
+        std::thread::spawn(move || {
+            use wsfan::backplane::redis::history::{self, History};
+            let mut r = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .and_then(|c| c.get_connection())
+                .expect("publisher");
+            let sha: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(history::publish_script())
+                .query(&mut r)
+                .expect("load");
+            let h = History {
+                size: 10_000,
+                ttl: 300,
+                instance: "publisher".into(),
+                max_entry: 65_538,
+            };
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 300 {
+                n += 1;
+                let body = serde_json::json!({ "n": n }).to_string();
+                let _: (u64, u64) = h
+                    .publish(&sha, "room", n, &[(n, body.as_bytes())])
+                    .query(&mut r)
+                    .expect("publish");
+                std::thread::sleep(Duration::from_millis(3));
+                if n >= 5000 {
+                    break;
+                }
+            }
+            n
+        })
+    };
+    sdk.wait(10.0, "live messages", |e| {
+        e["event"] == "pub" && e["data"]["n"] == 50
+    });
+    let victim = if on_a { &mut a } else { &mut b };
+    victim.signal("KILL");
+    victim.wait_exit(5.0);
+    let again = sdk.wait(15.0, "resubscribed", |e| {
+        e["event"] == "subscribed" && e["wasRecovering"] == true
+    });
+    assert_eq!(again["recovered"], true, "{again}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = publisher.join().expect("publisher");
+    sdk.wait(15.0, "the last message", |e| {
+        e["event"] == "pub" && e["data"]["n"] == last
+    });
+    let got: Vec<u64> = sdk
+        .pubs()
+        .iter()
+        .filter_map(|d| d["n"].as_u64())
+        .filter(|n| *n > 0)
+        .collect();
+    assert_eq!(
+        got,
+        (1..=last).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    drop(stop);
+}
+
+/// Bad protocol input from a raw client: the protocol's error or close code, nothing
+/// else touched.
+#[test]
+fn bad_protocol_input_gets_the_protocol_s_answer() {
+    let a = Wsfan::start(&["--max-channels-per-connection", "2"]);
+    let url = a.url("/connection/websocket");
+    let mut bystander = connect(&a.url("/ws/fine"));
+    let send = |ws: &mut Ws, s: &str| ws.send(Message::text(s)).expect("send");
+    let reply = |ws: &mut Ws| -> serde_json::Value {
+        serde_json::from_str(&recv_text(ws)).expect("a JSON reply")
+    };
+    // Not JSON, a command before connect, no id: closed 3501 (bad request).
+    for bad in [
+        "not json",
+        r#"{"id":1,"subscribe":{"channel":"x"}}"#,
+        r#"{"connect":{}}"#,
+    ] {
+        let mut c = connect(&url);
+        send(&mut c, bad);
+        assert_eq!(expect_close(&mut c), 3501, "{bad}");
+    }
+    let mut c = connect(&url);
+    send(&mut c, r#"{"id":1,"connect":{}}"#);
+    assert!(reply(&mut c)["connect"]["client"].is_string());
+    for (cmd, code) in [
+        (r#"{"id":2,"rpc":{"data":1}}"#, 104),
+        (r#"{"id":3,"subscribe":{}}"#, 107),
+        (r#"{"id":4,"subscribe":{"channel":"bad channel!"}}"#, 102),
+        (
+            r#"{"id":5,"history":{"channel":"c","limit":1000000000}}"#,
+            107,
+        ),
+    ] {
+        send(&mut c, cmd);
+        let r = reply(&mut c);
+        assert_eq!(r["error"]["code"], code, "{cmd}: {r}");
+    }
+    send(&mut c, r#"{"id":6,"subscribe":{"channel":"one"}}"#);
+    assert!(reply(&mut c)["subscribe"].is_object());
+    send(&mut c, r#"{"id":7,"subscribe":{"channel":"one"}}"#);
+    assert_eq!(
+        reply(&mut c)["error"]["code"],
+        105,
+        "the same channel twice"
+    );
+    send(&mut c, r#"{"id":8,"subscribe":{"channel":"two"}}"#);
+    assert!(reply(&mut c)["subscribe"].is_object());
+    send(&mut c, r#"{"id":9,"subscribe":{"channel":"three"}}"#);
+    assert_eq!(
+        reply(&mut c)["error"]["code"],
+        106,
+        "more channels than allowed"
+    );
+    // A nesting bomb closes the connection.
+    let bomb = format!(
+        r#"{{"id":10,"publish":{{"channel":"one","data":{}}}}}"#,
+        "[".repeat(10_000)
+    );
+    send(&mut c, &bomb);
+    assert_eq!(expect_close(&mut c), 3501);
+    send_text(&mut bystander, "still here");
+    assert_eq!(recv_text(&mut bystander), "still here");
+}
+
+/// Across protocols: a plain client's text (JSON or not) and binary, and a protocol
+/// client's JSON, each reaches the other side as documented.
+#[test]
+fn payloads_cross_between_plain_and_protocol_clients() {
+    let a = Wsfan::start(&[]);
+    let mut p = connect(&a.url("/connection/websocket"));
+    let mut plain = connect(&a.url("/ws/mix"));
+    let send = |ws: &mut Ws, s: &str| ws.send(Message::text(s)).expect("send");
+    let reply = |ws: &mut Ws| -> serde_json::Value {
+        serde_json::from_str(&recv_text(ws)).expect("a JSON reply")
+    };
+    send(&mut p, r#"{"id":1,"connect":{}}"#);
+    reply(&mut p);
+    send(&mut p, r#"{"id":2,"subscribe":{"channel":"mix"}}"#);
+    assert!(reply(&mut p)["subscribe"].is_object());
+    send_text(&mut plain, r#"{"a":1}"#);
+    send_text(&mut plain, "hello");
+    plain.send(Message::binary(vec![0u8, 255])).expect("binary");
+    let mut datas = Vec::new();
+    for _ in 0..3 {
+        let r = reply(&mut p);
+        datas.push(r["push"]["pub"]["data"].clone());
+        assert!(r["push"]["pub"]["offset"].as_u64().is_some(), "{r}");
+    }
+    assert_eq!(
+        datas,
+        [
+            serde_json::json!({"a": 1}),
+            serde_json::json!("hello"),
+            serde_json::json!({"b64": "AP8="})
+        ]
+    );
+    send(
+        &mut p,
+        r#"{"id":3,"publish":{"channel":"mix","data":{"x":[1,2]}}}"#,
+    );
+    let mut texts = Vec::new();
+    while texts.len() < 4 {
+        match recv(&mut plain) {
+            Message::Text(t) => texts.push(t.to_string()),
+            Message::Binary(_) => texts.push("binary".into()),
+            _ => {}
+        }
+    }
+    assert_eq!(texts[3], r#"{"x":[1,2]}"#);
+}
