@@ -36,6 +36,10 @@ pub enum BusEvent {
     },
     /// `channel` is now subscribed: held upgrades for it may complete.
     Subscribed(String),
+    /// What was delivered on `channel` has a hole (a reset, or messages history no
+    /// longer held — counted in the stats): a client told positions must start over
+    /// (Centrifugo: resubscribe, and learn it was not recovered).
+    Gap(String),
     /// The answer to [`Backplane::history`] number `id`.
     History {
         id: u64,

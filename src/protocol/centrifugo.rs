@@ -9,8 +9,8 @@
 //!
 //! Payloads: a publication's `data` is JSON. A message published by a plain client is
 //! its text when that text is JSON, else a JSON string of the text; a binary message is
-//! `{"b64": "<base64>"}`. A protocol client's `data` is published as its JSON text,
-//! which plain clients receive as a text message.
+//! `{"b64": "<base64>"}`. A protocol client's `data` is published as a text message:
+//! a JSON string as its text, anything else as its JSON text.
 
 use crate::backplane::Publication;
 use crate::message::{Epoch, StreamPosition};
@@ -78,7 +78,7 @@ pub enum Command {
     },
     Publish {
         channel: String,
-        /// The `data` field as JSON text.
+        /// What to publish as a text message: a JSON string's text, else the JSON text.
         data: Bytes,
     },
     History {
@@ -172,6 +172,13 @@ fn parse_command(o: &Map<String, Value>) -> Result<Line, &'static str> {
             None => return refused(ErrorCode::BadRequest),
         },
         "publish" => match (channel, args.get("data")) {
+            // A JSON string is published as its text (so plain clients see `hello`,
+            // not `"hello"`, and it comes back to protocol clients as the same string);
+            // any other JSON as its JSON text.
+            (Some(channel), Some(Value::String(text))) => Command::Publish {
+                channel,
+                data: Bytes::from(text.clone()),
+            },
             (Some(channel), Some(data)) => Command::Publish {
                 channel,
                 data: Bytes::from(data.to_string()),

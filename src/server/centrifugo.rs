@@ -290,6 +290,33 @@ impl Server {
         }
     }
 
+    /// The backplane's delivery on `channel` has a hole: its Centrifugo subscribers are
+    /// unsubscribed with code 2500 (insufficient state), so the SDK subscribes again,
+    /// recovers what history still holds and is told `recovered: false` if not all.
+    pub(super) fn on_gap(&mut self, channel: &str) {
+        let members: Vec<ConnId> = self
+            .hub
+            .members(channel)
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.sessions
+                    .get(&m.0)
+                    .is_some_and(|s| !s.setting_up.contains_key(channel))
+            })
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let push = text_frame(proto::unsubscribe_push(channel, 2500, "insufficient state"));
+        for id in members {
+            if let Some(i) = self.hub.leave(id, channel) {
+                self.bus.interest(i);
+            }
+            self.queue(id, push.clone());
+        }
+    }
+
     /// A history answer from the backplane.
     pub(super) fn on_history(&mut self, ask: u64, channel: &str, answer: Recovery) {
         match self.asks.remove(&ask) {

@@ -67,6 +67,7 @@ impl Server {
                     channel,
                     answer,
                 } => self.on_history(id, &channel, answer),
+                BusEvent::Gap(channel) => self.on_gap(&channel),
                 BusEvent::Subscribed(channel) => {
                     self.release_waiting(&channel, now);
                     self.on_subscribed_protocol(&channel);

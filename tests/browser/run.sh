@@ -28,6 +28,7 @@ done
 bin="$root/target/release/wsfan"
 [ -x "$bin" ] || (cd "$root" && cargo build --release --bin wsfan)
 "$bin" --listen "127.0.0.1:$pa" --redis "redis://127.0.0.1:$rport" --log-level warn & pids+=($!)
+pida=$!
 "$bin" --listen "127.0.0.1:$pb" --redis "redis://127.0.0.1:$rport" --log-level warn & pids+=($!)
 for port in $pa $pb; do
   for i in $(seq 200); do
@@ -36,4 +37,7 @@ for port in $pa $pb; do
     sleep 0.05
   done
 done
-node "$here/chat.test.mjs" "http://127.0.0.1:$pa/?channel=browser" "http://127.0.0.1:$pb/?channel=browser"
+# The test kills instance A (its pid) and starts it again on the same address with
+# the same flags: the page on A must reconnect and recover what B's page sent meanwhile.
+node "$here/chat.test.mjs" "http://127.0.0.1:$pa/?channel=browser" "http://127.0.0.1:$pb/?channel=browser" \
+  "$pida" "$bin" --listen "127.0.0.1:$pa" --redis "redis://127.0.0.1:$rport" --log-level warn

@@ -227,6 +227,9 @@ impl RedisLink {
     /// One line per channel whose history began again, at most 10 per 5 s; the rest
     /// are counted into the next line (and always in `wsfan_history_resets_total`).
     fn log_resets(&mut self) {
+        let mut gaps = std::mem::take(&mut self.positions.gaps);
+        gaps.dedup();
+        self.events.extend(gaps.into_iter().map(BusEvent::Gap));
         for r in std::mem::take(&mut self.positions.resets) {
             let now = Instant::now();
             let (since, n) = &mut self.reset_log;

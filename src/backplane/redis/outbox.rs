@@ -242,7 +242,8 @@ impl Outbox {
             return None;
         };
         let (epoch, from) = req.script_args();
-        let cmd = h.read_from(sha, redis_channel, epoch, from, from == 0);
+        // A client is about to be told a position: a channel without history begins one.
+        let cmd = h.read_from(sha, redis_channel, epoch, from, true);
         self.expect.push_back(Expect::Recover(req));
         Some(cmd)
     }

@@ -240,6 +240,10 @@ pub struct Positions {
     pub stats: HistoryStats,
     /// Resets since the shell last took them (for the log).
     pub resets: Vec<Reset>,
+    /// Channels whose delivered sequence has a hole since the shell last took them (a
+    /// reset, or messages history no longer held): clients that track positions must
+    /// be told (`BusEvent::Gap`).
+    pub gaps: Vec<String>,
 }
 
 impl Positions {
@@ -254,6 +258,7 @@ impl Positions {
             hasher: Default::default(),
             stats: HistoryStats::default(),
             resets: Vec::new(),
+            gaps: Vec::new(),
         }
     }
 
@@ -508,6 +513,7 @@ impl Positions {
             c.hold.clear();
             c.behind = None;
             self.stats.resets += 1;
+            self.gaps.push(channel.to_string());
             self.resets.push(Reset {
                 channel: channel.to_string(),
                 old,
@@ -551,6 +557,7 @@ impl Positions {
                 c.behind = None;
                 c.known = Known::At(StreamPosition::new(s.epoch.clone(), 0));
                 self.stats.resets += 1;
+                self.gaps.push(channel.to_string());
                 self.resets.push(Reset {
                     channel: channel.to_string(),
                     old,
@@ -699,13 +706,17 @@ impl Positions {
                 Some(o) if o <= upto => {
                     let h = c.hold.remove(&o).map(|h| h.body).unwrap_or_default();
                     self.hold_bytes -= h.len() + HELD_OVERHEAD;
-                    self.stats.missed += o - last - 1;
+                    if o > last + 1 {
+                        self.stats.missed += o - last - 1;
+                        self.gaps.push(channel.to_string());
+                    }
                     c.set_last(o);
                     c.record(o, self.hasher.hash_one(&h));
                     self.deliver(channel, Some(o), h, out);
                 }
                 _ => {
                     self.stats.missed += upto - last;
+                    self.gaps.push(channel.to_string());
                     c.set_last(upto);
                     return;
                 }
