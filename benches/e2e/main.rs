@@ -41,6 +41,7 @@ mod fleet;
 mod floor;
 mod history;
 mod phases;
+mod protocol;
 
 use common::Wsfan;
 
@@ -147,5 +148,19 @@ fn main() {
         } else {
             history::forged_flood(&[1000], 0.3);
         }
+    }
+    if only.is_empty() || only == "protocol" {
+        let (storm, missed, clients, messages) = if bench {
+            (
+                env_or("WSFAN_BENCH_STORM", 1000),
+                1000,
+                env_or("WSFAN_BENCH_PROTOCOL_CLIENTS", 1000),
+                1000,
+            )
+        } else {
+            (20, 50, 20, 20)
+        };
+        protocol::recovery_storm(storm, missed);
+        protocol::pushes_vs_plain(clients, messages);
     }
 }

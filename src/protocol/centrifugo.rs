@@ -257,10 +257,32 @@ pub fn subscribe_reply(
     was_recovering: bool,
     recovered: bool,
 ) -> String {
+    subscribe_reply_with(
+        id,
+        pos,
+        &publications_json(publications),
+        was_recovering,
+        recovered,
+    )
+}
+
+/// The publications of a reply, encoded (once per read when clients share one).
+pub fn publications_json(publications: &[Publication]) -> String {
     let pubs: Vec<String> = publications
         .iter()
         .map(|p| publication(&data_json(p.kind, &p.payload), Some(&p.pos)))
         .collect();
+    pubs.join(",")
+}
+
+/// The subscribe reply around publications already encoded by [`publications_json`].
+pub fn subscribe_reply_with(
+    id: u32,
+    pos: Option<&StreamPosition>,
+    pubs: &str,
+    was_recovering: bool,
+    recovered: bool,
+) -> String {
     let (epoch, offset) = match pos {
         Some(p) => (p.epoch.to_string(), p.offset),
         None => (String::new(), 0),
@@ -268,7 +290,7 @@ pub fn subscribe_reply(
     format!(
         "{{\"id\":{id},\"subscribe\":{{\"recoverable\":true,\"positioned\":true,\"epoch\":{},\"offset\":{offset},\"publications\":[{}],\"was_recovering\":{was_recovering},\"recovered\":{recovered}}}}}",
         Value::String(epoch),
-        pubs.join(",")
+        pubs
     )
 }
 

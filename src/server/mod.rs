@@ -104,6 +104,12 @@ pub struct Server {
     /// History asks in flight, by ask id.
     asks: std::collections::HashMap<u64, centrifugo::Ask>,
     next_ask_id: u64,
+    /// The last recovery's publications and their encoding: clients that shared a read
+    /// share the encoding (the `Arc` keeps the pointer unique while cached).
+    encoded_recovery: Option<(
+        std::sync::Arc<[crate::backplane::Publication]>,
+        std::rc::Rc<str>,
+    )>,
     /// Called once when the server is ready (listening and, with Redis, subscribed).
     on_ready: Option<Box<dyn FnOnce()>>,
 }
@@ -158,6 +164,7 @@ impl Server {
             sessions: std::collections::HashMap::new(),
             asks: std::collections::HashMap::new(),
             next_ask_id: 0,
+            encoded_recovery: None,
             ping_frame: ws::ping_frame(),
             on_ready: None,
         })
