@@ -423,3 +423,185 @@ fn after_history_expired_the_sdk_is_told_not_recovered() {
     let got: Vec<u64> = sdk.pubs().iter().filter_map(|d| d["n"].as_u64()).collect();
     assert_eq!(got, [1, 2]);
 }
+
+/// With `--jwt-secret`: the token comes with `connect`; an expired one is refused (109),
+/// a forged one (101); the `channels` claim limits subscribe and publish (103).
+#[test]
+fn the_connect_token_is_checked_and_its_channels_claim_limits_channels() {
+    let a = Wsfan::start(&["--jwt-secret", "topsecret"]);
+    let url = a.url("/connection/websocket");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let good = wsfan::jwt::sign(
+        &format!(r#"{{"sub":"u1","exp":{exp},"channels":["room.*"]}}"#),
+        "topsecret",
+    );
+    let expired = wsfan::jwt::sign(r#"{"sub":"u1","exp":1000}"#, "topsecret");
+    let forged = wsfan::jwt::sign(r#"{"sub":"u1"}"#, "guess");
+    let send = |ws: &mut Ws, s: &str| ws.send(Message::text(s)).expect("send");
+    let reply = |ws: &mut Ws| -> serde_json::Value {
+        serde_json::from_str(&recv_text(ws)).expect("a JSON reply")
+    };
+    for (token, code) in [(&expired, 109), (&forged, 101)] {
+        let mut c = connect(&url);
+        send(
+            &mut c,
+            &format!(r#"{{"id":1,"connect":{{"token":"{token}"}}}}"#),
+        );
+        assert_eq!(reply(&mut c)["error"]["code"], code);
+    }
+    let mut c = connect(&url);
+    send(&mut c, r#"{"id":1,"connect":{}}"#);
+    assert_eq!(reply(&mut c)["error"]["code"], 101, "a token is required");
+    let mut c = connect(&url);
+    send(
+        &mut c,
+        &format!(r#"{{"id":1,"connect":{{"token":"{good}"}}}}"#),
+    );
+    assert!(reply(&mut c)["connect"].is_object());
+    send(&mut c, r#"{"id":2,"subscribe":{"channel":"lobby"}}"#);
+    assert_eq!(reply(&mut c)["error"]["code"], 103);
+    send(&mut c, r#"{"id":3,"publish":{"channel":"lobby","data":1}}"#);
+    assert_eq!(reply(&mut c)["error"]["code"], 103);
+    send(&mut c, r#"{"id":4,"subscribe":{"channel":"room.1"}}"#);
+    assert!(reply(&mut c)["subscribe"].is_object());
+    send(
+        &mut c,
+        r#"{"id":5,"publish":{"channel":"room.1","data":"hi"}}"#,
+    );
+    let mut got = [reply(&mut c), reply(&mut c)];
+    got.sort_by_key(|v| v.get("id").is_some());
+    assert_eq!(got[0]["push"]["pub"]["data"], "hi");
+    assert!(got[1]["publish"].is_object());
+}
+
+/// A frame over `--max-message-size` is closed 1009 like any client's; many commands
+/// in one frame past the limit close 3501; a subscribe storm is bounded by the channel
+/// limit. Nothing else is touched.
+#[test]
+fn oversized_frames_and_subscribe_storms_are_bounded() {
+    let a = Wsfan::start(&["--max-channels-per-connection", "16"]);
+    let url = a.url("/connection/websocket");
+    let mut bystander = connect(&a.url("/ws/fine"));
+    let send = |ws: &mut Ws, s: &str| ws.send(Message::text(s)).expect("send");
+    let mut c = connect(&url);
+    send(&mut c, r#"{"id":1,"connect":{}}"#);
+    recv_text(&mut c);
+    let big = format!(
+        r#"{{"id":2,"publish":{{"channel":"x","data":"{}"}}}}"#,
+        "x".repeat(70_000)
+    );
+    let _ = c.send(Message::text(big));
+    assert_eq!(expect_close(&mut c), 1009);
+    let mut c = connect(&url);
+    send(&mut c, r#"{"id":1,"connect":{}}"#);
+    recv_text(&mut c);
+    let storm: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"id":{},"subscribe":{{"channel":"s{i}"}}}}"#, i + 2))
+        .collect();
+    send(&mut c, &storm.join("\n"));
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..100 {
+        let r: serde_json::Value = serde_json::from_str(&recv_text(&mut c)).expect("reply");
+        if r["subscribe"].is_object() {
+            ok += 1;
+        } else if r["error"]["code"] == 106 {
+            limited += 1;
+        }
+    }
+    assert_eq!((ok, limited), (16, 84));
+    assert_eq!(a.metric("wsfan_channels"), 17.0, "16 + the bystander's");
+    let flood = "{}\n".repeat(200);
+    send(&mut c, &flood);
+    assert_eq!(expect_close(&mut c), 3501);
+    send_text(&mut bystander, "still here");
+    assert_eq!(recv_text(&mut bystander), "still here");
+}
+
+/// Standalone (history in memory) works the same: a client that went away recovers
+/// what was published meanwhile; `history` answers from a position; a position from
+/// another epoch is not recovered.
+#[test]
+fn standalone_recovery_and_history_work_the_same() {
+    let a = Wsfan::start(&[]);
+    let url = a.url("/connection/websocket");
+    let send = |ws: &mut Ws, s: &str| ws.send(Message::text(s)).expect("send");
+    let reply = |ws: &mut Ws| -> serde_json::Value {
+        serde_json::from_str(&recv_text(ws)).expect("a JSON reply")
+    };
+    let mut c = connect(&url);
+    send(&mut c, r#"{"id":1,"connect":{}}"#);
+    reply(&mut c);
+    send(
+        &mut c,
+        r#"{"id":2,"subscribe":{"channel":"mem","recoverable":true}}"#,
+    );
+    let s = reply(&mut c);
+    let epoch = s["subscribe"]["epoch"]
+        .as_str()
+        .expect("an epoch")
+        .to_string();
+    assert!(!epoch.is_empty());
+    send(
+        &mut c,
+        r#"{"id":3,"publish":{"channel":"mem","data":"one"}}"#,
+    );
+    let mut offset = 0;
+    for _ in 0..2 {
+        let r = reply(&mut c);
+        if let Some(o) = r["push"]["pub"]["offset"].as_u64() {
+            offset = o;
+        }
+    }
+    assert_eq!(offset, 1);
+    drop(c);
+    let mut other = connect(&a.url("/ws/mem"));
+    for m in ["two", "three"] {
+        send_text(&mut other, m);
+        assert_eq!(recv_text(&mut other), m);
+    }
+    let mut c = connect(&url);
+    send(&mut c, r#"{"id":1,"connect":{}}"#);
+    reply(&mut c);
+    send(
+        &mut c,
+        &format!(
+            r#"{{"id":2,"subscribe":{{"channel":"mem","recover":true,"epoch":"{epoch}","offset":1}}}}"#
+        ),
+    );
+    let s = reply(&mut c);
+    assert_eq!(s["subscribe"]["recovered"], true, "{s}");
+    let pubs: Vec<_> = s["subscribe"]["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| (p["data"].clone(), p["offset"].as_u64()))
+        .collect();
+    assert_eq!(
+        pubs,
+        [
+            (serde_json::json!("two"), Some(2)),
+            (serde_json::json!("three"), Some(3))
+        ]
+    );
+    send(
+        &mut c,
+        &format!(
+            r#"{{"id":3,"history":{{"channel":"mem","limit":10,"since":{{"epoch":"{epoch}","offset":2}}}}}}"#
+        ),
+    );
+    let h = reply(&mut c);
+    assert_eq!(h["history"]["publications"][0]["data"], "three", "{h}");
+    assert_eq!(h["history"]["offset"], 3);
+    send(
+        &mut c,
+        r#"{"id":4,"subscribe":{"channel":"mem2","recover":true,"epoch":"zz","offset":5}}"#,
+    );
+    let s = reply(&mut c);
+    assert_eq!(s["subscribe"]["recovered"], false, "another epoch: {s}");
+    assert_eq!(s["subscribe"]["was_recovering"], true);
+}

@@ -182,6 +182,16 @@ fn the_loop_knows_backplanes_only_through_the_seam() {
             assert!(!deps.contains(bad), "{leaf} imports {bad}: {deps:?}");
         }
     }
+    // Client protocols speak in the seam's terms (positions, publications), never of a
+    // backplane or of the loop.
+    for bad in [
+        "server",
+        "backplane::redis",
+        "backplane::memory",
+        "backplane::pick",
+    ] {
+        assert!(!g["protocol"].contains(bad), "protocol imports {bad}");
+    }
     for (a, b) in [
         ("backplane::redis", "backplane::memory"),
         ("backplane::memory", "backplane::redis"),

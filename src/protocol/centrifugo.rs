@@ -155,7 +155,13 @@ fn parse_command(o: &Map<String, Value>) -> Result<Line, &'static str> {
                 return refused(ErrorCode::BadRequest);
             };
             let recover_asked = args.get("recover").and_then(Value::as_bool) == Some(true);
-            let offset = args.get("offset").and_then(Value::as_u64).unwrap_or(0);
+            let offset = match args.get("offset") {
+                None => 0,
+                Some(v) => match v.as_u64() {
+                    Some(o) => o,
+                    None => return refused(ErrorCode::BadRequest), // negative, fractional
+                },
+            };
             let epoch = text("epoch").and_then(|e| Epoch::new(Bytes::from(e)));
             let recover = match (recover_asked, epoch) {
                 (true, Some(e)) => Some(StreamPosition::new(e, offset)),
@@ -389,6 +395,10 @@ mod tests {
                 ErrorCode::BadRequest,
             ),
             (b"{\"id\":7,\"subscribe\":\"x\"}", ErrorCode::BadRequest),
+            (
+                b"{\"id\":7,\"subscribe\":{\"channel\":\"c\",\"recover\":true,\"offset\":-5,\"epoch\":\"e\"}}",
+                ErrorCode::BadRequest,
+            ),
         ] {
             assert_eq!(parse(frame), Ok(vec![Line::Refused(7, code)]), "{frame:?}");
         }
