@@ -48,17 +48,20 @@ pub fn authorize(token: Option<&str>, secret: &str, channel: &str, now: u64) -> 
 
 /// Checks `token` for a connection that names its channels later (Centrifugo's
 /// `connect`): signature, algorithm and `exp`; the `channels` claim is checked per
-/// channel with [`authorize`].
-pub fn authenticate(token: Option<&str>, secret: &str, now: u64) -> Result<(), Denied> {
+/// channel with [`authorize`]. Returns `exp` (Unix seconds), if the token has one.
+pub fn authenticate(token: Option<&str>, secret: &str, now: u64) -> Result<Option<u64>, Denied> {
     let token = token.ok_or(Denied::Unauthorized("token required"))?;
     let claims = verify(token, secret.as_bytes())?;
-    if let Some(exp) = claims.get("exp") {
-        let exp = exp.as_f64().ok_or(Denied::Unauthorized("bad exp claim"))?;
-        if (now as f64) >= exp {
-            return Err(Denied::Unauthorized("token expired"));
+    match claims.get("exp") {
+        None => Ok(None),
+        Some(exp) => {
+            let exp = exp.as_f64().ok_or(Denied::Unauthorized("bad exp claim"))?;
+            if (now as f64) >= exp {
+                return Err(Denied::Unauthorized("token expired"));
+            }
+            Ok(Some(exp as u64))
         }
     }
-    Ok(())
 }
 
 fn channel_matches(pattern: &str, channel: &str) -> bool {

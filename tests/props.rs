@@ -7,7 +7,6 @@ mod common;
 use bytes::Bytes;
 use proptest::prelude::*;
 use wsfan::backplane::redis::resp;
-use wsfan::server::routes;
 use wsfan::ws::{Decoder, Event, Kind};
 use wsfan::{envelope, http, hub, jwt};
 
@@ -123,7 +122,7 @@ proptest! {
     #[test]
     fn channel_names_and_upgrade_paths_agree(name in ".{0,140}") {
         let path = format!("/ws/{name}");
-        match routes::upgrade_channel(&path, "d") {
+        match wsfan::protocol::plain::upgrade_channel(&path, "d") {
             Ok(ch) => { prop_assert!(hub::valid_channel_name(ch)); prop_assert_eq!(ch, name.as_str()); }
             Err(status) => { prop_assert_eq!(status, 400); prop_assert!(!hub::valid_channel_name(&name)); }
         }

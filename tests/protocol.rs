@@ -236,6 +236,12 @@ fn bad_protocol_input_gets_the_protocol_s_answer() {
             r#"{"id":5,"history":{"channel":"c","limit":1000000000}}"#,
             107,
         ),
+        (
+            r#"{"id":5,"history":{"channel":"c","limit":5,"reverse":true}}"#,
+            107,
+        ),
+        (r#"{"id":5,"history":{"channel":"c","limit":5}}"#, 107),
+        (r#"{"id":5,"history":{"channel":"c","limit":-1}}"#, 107),
     ] {
         send(&mut c, cmd);
         let r = reply(&mut c);
@@ -268,13 +274,23 @@ fn bad_protocol_input_gets_the_protocol_s_answer() {
     assert_eq!(recv_text(&mut bystander), "still here");
 }
 
-/// Across protocols: a plain client's text (JSON or not) and binary, and a protocol
-/// client's JSON, each reaches the other side as documented.
+/// Across protocols and instances: a plain client's text (JSON or not) and binary on
+/// instance B, and a protocol client's JSON on instance A, each reaches the other side
+/// as documented.
 #[test]
 fn payloads_cross_between_plain_and_protocol_clients() {
-    let a = Wsfan::start(&[]);
+    let redis = Redis::start();
+    let start = || {
+        let url = redis.url();
+        let mut args = vec!["--redis", url.as_str()];
+        args.extend_from_slice(FAST_FAILOVER);
+        let s = Wsfan::start(&args);
+        eventually(10.0, "instance ready", || s.status("/readyz") == 200);
+        s
+    };
+    let (a, b) = (start(), start());
     let mut p = connect(&a.url("/connection/websocket"));
-    let mut plain = connect(&a.url("/ws/mix"));
+    let mut plain = connect(&b.url("/ws/mix"));
     let send = |ws: &mut Ws, s: &str| ws.send(Message::text(s)).expect("send");
     let reply = |ws: &mut Ws| -> serde_json::Value {
         serde_json::from_str(&recv_text(ws)).expect("a JSON reply")
@@ -283,6 +299,9 @@ fn payloads_cross_between_plain_and_protocol_clients() {
     reply(&mut p);
     send(&mut p, r#"{"id":2,"subscribe":{"channel":"mix"}}"#);
     assert!(reply(&mut p)["subscribe"].is_object());
+    eventually(5.0, "both instances subscribed", || {
+        redis.numsub("mix") == 2
+    });
     send_text(&mut plain, r#"{"a":1}"#);
     send_text(&mut plain, "hello");
     plain.send(Message::binary(vec![0u8, 255])).expect("binary");
@@ -604,4 +623,77 @@ fn standalone_recovery_and_history_work_the_same() {
     let s = reply(&mut c);
     assert_eq!(s["subscribe"]["recovered"], false, "another epoch: {s}");
     assert_eq!(s["subscribe"]["was_recovering"], true);
+}
+
+/// A connection whose connect token expires is closed with 3005 ("expired"; the SDK
+/// reconnects with a fresh token), found by the keepalive sweep.
+#[test]
+fn a_connection_is_closed_when_its_token_expires() {
+    let a = Wsfan::start(&["--jwt-secret", "topsecret", "--ping-interval", "0.3"]);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 2;
+    let token = wsfan::jwt::sign(&format!(r#"{{"sub":"u1","exp":{exp}}}"#), "topsecret");
+    let mut c = connect(&a.url("/connection/websocket"));
+    c.send(Message::text(format!(
+        r#"{{"id":1,"connect":{{"token":"{token}"}}}}"#
+    )))
+    .expect("send");
+    let r: serde_json::Value = serde_json::from_str(&recv_text(&mut c)).expect("reply");
+    assert!(r["connect"].is_object(), "{r}");
+    // Server pings ({}) are answered until the token runs out.
+    let code = loop {
+        match c.read() {
+            Ok(Message::Text(t)) if t.as_str() == "{}" => {
+                c.send(Message::text("{}")).expect("pong");
+            }
+            Ok(Message::Close(Some(f))) => break u16::from(f.code),
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(code, 3005);
+}
+
+/// Each command costs a token like a message: 50 publishes in one frame are no way
+/// around `--max-messages-burst` 10 (closed 1008, the first ones published).
+#[test]
+fn commands_in_one_frame_count_against_the_rate_limit() {
+    let a = Wsfan::start(&["--max-messages-per-sec", "1", "--max-messages-burst", "10"]);
+    let mut c = connect(&a.url("/connection/websocket"));
+    c.send(Message::text(r#"{"id":1,"connect":{}}"#))
+        .expect("send");
+    recv_text(&mut c);
+    let many: Vec<String> = (0..50)
+        .map(|i| {
+            format!(
+                r#"{{"id":{},"publish":{{"channel":"r","data":{i}}}}}"#,
+                i + 2
+            )
+        })
+        .collect();
+    c.send(Message::text(many.join("\n"))).expect("send");
+    assert_eq!(expect_close(&mut c), 1008);
+    assert_eq!(
+        a.metric("wsfan_disconnects_total{reason=\"rate_limit\"}"),
+        1.0
+    );
+    assert!(a.metric("wsfan_messages_received_total") <= 10.0);
+}
+
+/// A graceful shutdown tells protocol clients the protocol's way first: a disconnect
+/// push (3001, reconnect), then the close frame.
+#[test]
+fn shutdown_sends_a_disconnect_push_before_closing() {
+    let a = Wsfan::start(&[]);
+    let mut c = connect(&a.url("/connection/websocket"));
+    c.send(Message::text(r#"{"id":1,"connect":{}}"#))
+        .expect("send");
+    recv_text(&mut c);
+    a.signal("TERM");
+    let push: serde_json::Value = serde_json::from_str(&recv_text(&mut c)).expect("push");
+    assert_eq!(push["push"]["disconnect"]["code"], 3001, "{push}");
+    assert_eq!(expect_close(&mut c), 1001);
 }

@@ -232,6 +232,9 @@ pub fn forged_flood(rates: &[u64], secs: f64) {
     let (p50, p99) = rtts(&mut by, secs);
     report!("history: bystander round trip without a flood: p50 {p50:.2} ms, p99 {p99:.2} ms");
     for &rate in rates {
+        // Counted before the flood starts (it publishes at once).
+        let reads0 = a.metric("wsfan_history_reads_total");
+        let unc0 = a.metric("wsfan_history_unconfirmed_total");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flood = {
             let stop = stop.clone();
@@ -261,8 +264,6 @@ pub fn forged_flood(rates: &[u64], secs: f64) {
                 sent
             })
         };
-        let reads0 = a.metric("wsfan_history_reads_total");
-        let unc0 = a.metric("wsfan_history_unconfirmed_total");
         let (p50, p99) = rtts(&mut by, secs);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let sent = flood.join().expect("flood");

@@ -329,6 +329,12 @@ pub fn error_reply(id: u32, code: ErrorCode) -> String {
     json!({"id": id, "error": {"code": code as u16, "message": code.message()}}).to_string()
 }
 
+/// `{"push":{"disconnect":{"code":n,"reason":r}}}`: sent before the connection is
+/// closed by the server (the SDK reconnects unless the code is 3500–3999).
+pub fn disconnect_push(code: u16, reason: &str) -> String {
+    json!({"push": {"disconnect": {"code": code, "reason": reason}}}).to_string()
+}
+
 /// `{"push":{"channel":c,"unsubscribe":{"code":n,"reason":r}}}`.
 pub fn unsubscribe_push(channel: &str, code: u16, reason: &str) -> String {
     json!({"push": {"channel": channel, "unsubscribe": {"code": code, "reason": reason}}})

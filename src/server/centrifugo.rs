@@ -40,6 +40,9 @@ pub(super) struct SetUp {
 pub(super) struct Session {
     connected: bool,
     token: Option<String>,
+    /// When the connect token expires (Unix seconds): the connection is closed then
+    /// (3005, the SDK reconnects with a fresh token). Checked by the keepalive sweep.
+    pub(super) expires: Option<u64>,
     setting_up: HashMap<Box<str>, SetUp>,
 }
 
@@ -74,8 +77,13 @@ impl Server {
             Ok(l) => l,
             Err(why) => return self.protocol_close(id, proto::CLOSE_BAD_REQUEST, why, now),
         };
-        for line in lines {
+        for (i, line) in lines.into_iter().enumerate() {
             if !self.conns.get(id.0).is_some_and(|c| c.is_open()) {
+                return;
+            }
+            // Each command costs a token like a message (the frame paid for the first):
+            // many commands in one frame are no way around the rate limit.
+            if i > 0 && !matches!(line, Line::Pong) && !self.charge(id, now) {
                 return;
             }
             match line {
@@ -91,12 +99,13 @@ impl Server {
     }
 
     fn protocol_close(&mut self, id: ConnId, code: u16, why: &str, now: Instant) {
-        self.begin_close(
-            id,
-            Reason::ProtocolError,
-            Some(ws::close_frame(code, why)),
-            now,
-        );
+        self.reply(id, proto::disconnect_push(code, why));
+        let reason = if code == proto::CLOSE_EXPIRED {
+            Reason::Rejected
+        } else {
+            Reason::ProtocolError
+        };
+        self.begin_close(id, reason, Some(ws::close_frame(code, why)), now);
     }
 
     fn on_command(&mut self, id: ConnId, cmd_id: u32, cmd: Command, now: Instant) {
@@ -106,9 +115,10 @@ impl Server {
                 if connected {
                     return self.protocol_close(id, proto::CLOSE_BAD_REQUEST, "connect twice", now);
                 }
+                let mut expires = None;
                 if let Some(secret) = &self.cfg.jwt_secret {
                     match crate::jwt::authenticate(token.as_deref(), secret, unix_now()) {
-                        Ok(()) => {}
+                        Ok(exp) => expires = exp,
                         Err(crate::jwt::Denied::Unauthorized("token expired")) => {
                             return self
                                 .reply(id, proto::error_reply(cmd_id, ErrorCode::TokenExpired))
@@ -122,6 +132,7 @@ impl Server {
                 let s = self.sessions.entry(id.0).or_default();
                 s.connected = true;
                 s.token = token;
+                s.expires = expires;
                 let client = format!("{:016x}", self.next_serial ^ (id.0 as u64) << 40);
                 let ping = self.cfg.ping_interval.as_secs().max(1);
                 self.reply(id, proto::connect_reply(cmd_id, &client, ping));
@@ -163,7 +174,11 @@ impl Server {
                 if let Err(code) = self.allowed(id, &channel) {
                     return self.reply(id, proto::error_reply(cmd_id, code));
                 }
-                if reverse || limit < 0 || limit as usize > self.cfg.history_size.max(1) {
+                // Served: the top (`limit` 0), or what followed `since` (up to `limit`).
+                // Not yet: `reverse`, and a `limit` without `since` (from the stream's
+                // start): refused, not answered wrongly.
+                let unsupported = reverse || (limit > 0 && since.is_none());
+                if unsupported || limit < 0 || limit as usize > self.cfg.history_size.max(1) {
                     return self.reply(id, proto::error_reply(cmd_id, ErrorCode::BadRequest));
                 }
                 let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
@@ -287,6 +302,21 @@ impl Server {
             .collect();
         for id in waiting {
             self.ask_history(id, channel);
+        }
+    }
+
+    /// Closes protocol connections whose connect token has expired (3005, "expired":
+    /// the SDK reconnects, with a fresh token if it has a way to get one).
+    pub(super) fn close_expired(&mut self, now: Instant) {
+        let unix = unix_now();
+        let expired: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.expires.is_some_and(|e| unix >= e))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            self.protocol_close(ConnId(k), proto::CLOSE_EXPIRED, "expired", now);
         }
     }
 

@@ -7,7 +7,7 @@ use crate::backplane::BusEvent;
 use crate::conn::{Conn, Phase, Reason};
 use crate::hub::ConnId;
 use crate::outq::{Flushed, OutQueue, WriteStats};
-use crate::protocol::{centrifugo, Proto};
+use crate::protocol::Proto;
 use crate::ws::{self, Kind};
 use bytes::Bytes;
 use log::{debug, warn};
@@ -102,17 +102,17 @@ impl Server {
             if !c.is_open() {
                 continue;
             }
-            let frame = match c.proto {
-                Proto::Plain => plain
-                    .get_or_insert_with(|| ws::data_frame(kind, payload.clone()))
-                    .clone(),
+            let proto = c.proto;
+            let encoded = match proto {
+                Proto::Plain => &mut plain,
+                Proto::Centrifugo => &mut push,
+            };
+            let frame = encoded
+                .get_or_insert_with(|| proto.delivery(channel, kind, &payload, pos.as_ref()))
+                .clone();
+            let frame = match proto {
+                Proto::Plain => frame,
                 Proto::Centrifugo => {
-                    let frame = push
-                        .get_or_insert_with(|| {
-                            let p = centrifugo::pub_push(channel, kind, &payload, pos.as_ref());
-                            ws::data_frame(Kind::Text, Bytes::from(p))
-                        })
-                        .clone();
                     let offset = pos.as_ref().map(|p| p.offset);
                     match self
                         .sessions

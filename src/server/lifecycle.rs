@@ -223,6 +223,9 @@ impl Server {
         for id in dead {
             self.drop_conn(id, Reason::PingTimeout);
         }
+        if !self.sessions.is_empty() {
+            self.close_expired(Instant::now());
+        }
         for id in ping {
             // Centrifugo's clients expect its own ping (`{}`) and answer it.
             let frame = match self.conns.get(id.0).map(|c| c.proto) {
@@ -264,12 +267,22 @@ impl Server {
         }
         let ids: Vec<ConnId> = self.conns.iter().map(|(k, _)| ConnId(k)).collect();
         let bye = ws::close_frame(1001, "server shutting down");
+        // Centrifugo's clients are told first, the protocol's way (3001: reconnect).
+        let push = ws::data_frame(
+            ws::Kind::Text,
+            crate::protocol::centrifugo::disconnect_push(3001, "shutdown").into(),
+        );
         for id in ids {
             let Some(c) = self.conns.get(id.0) else {
                 continue;
             };
             match c.phase {
-                Phase::Open => self.begin_close(id, Reason::Shutdown, Some(bye.clone()), now),
+                Phase::Open => {
+                    if c.proto == crate::protocol::Proto::Centrifugo {
+                        self.queue(id, push.clone());
+                    }
+                    self.begin_close(id, Reason::Shutdown, Some(bye.clone()), now)
+                }
                 Phase::AwaitSub(_) => {
                     let resp = crate::http::Response::text(503, "shutting down");
                     self.begin_close(id, Reason::Shutdown, Some(resp.encode(false, false)), now);

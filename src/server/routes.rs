@@ -6,22 +6,11 @@ use crate::conn::{Held, Phase, Reason};
 use crate::http::{self, Head, Response};
 use crate::hub::{valid_channel_name, ConnId};
 use crate::metrics::Rejection;
+use crate::protocol::plain::upgrade_channel;
 use crate::ws::Kind;
 use bytes::Bytes;
 use log::debug;
 use std::time::Instant;
-
-/// Where an upgrade on `path` goes: the channel name, or the status to refuse with.
-pub fn upgrade_channel<'a>(path: &'a str, default: &'a str) -> Result<&'a str, u16> {
-    match path {
-        "/" | "/ws" => Ok(default),
-        _ => match path.strip_prefix("/ws/") {
-            Some(ch) if valid_channel_name(ch) => Ok(ch),
-            Some(_) => Err(400),
-            None => Err(404),
-        },
-    }
-}
 
 /// Whether a browser `Origin` may connect: listed, `*`, or (no list) same host as `Host`.
 pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
@@ -313,16 +302,6 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn upgrade_paths() {
-        assert_eq!(upgrade_channel("/", "d"), Ok("d"));
-        assert_eq!(upgrade_channel("/ws", "d"), Ok("d"));
-        assert_eq!(upgrade_channel("/ws/room.1", "d"), Ok("room.1"));
-        assert_eq!(upgrade_channel("/ws/", "d"), Err(400));
-        assert_eq!(upgrade_channel("/ws/a/b", "d"), Err(400));
-        assert_eq!(upgrade_channel("/other", "d"), Err(404));
-    }
 
     #[test]
     fn origins() {
