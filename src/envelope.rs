@@ -21,6 +21,12 @@
 //! in its channel's history in front: `0x00 'h' <offset> ':' <epoch> ':'` + the payload
 //! as above. [`split_position`] takes it off again; a payload without it (a foreign
 //! `PUBLISH`, or `--history-size 0`) is delivered with no position.
+//!
+//! With `--history-key`, the script authenticates the position and payload:
+//! `0x00 'H' <tag: 40 hex> <offset> ':' <epoch> ':'` + the payload, where the tag is
+//! `sha1hex(okey ‖ sha1hex(ikey ‖ "<offset>:<epoch>:" ‖ payload))` with `ikey`/`okey`
+//! the key XOR the HMAC pads (Redis's Lua has `sha1hex`, no HMAC). Only those who know
+//! the key can claim a position; [`HistoryKey::open`] checks it.
 
 use crate::message::{Epoch, StreamPosition};
 use crate::ws::Kind;
@@ -30,12 +36,114 @@ const MARK: u8 = 0x00;
 const TEXT: u8 = b't';
 const BINARY: u8 = b'b';
 const POSITIONED: u8 = b'h';
+const AUTHENTICATED: u8 = b'H';
+
+/// The shared secret that authenticates wsfan's positioned envelopes (`--history-key`):
+/// its two HMAC-padded forms, as the publish script uses them.
+#[derive(Clone)]
+pub struct HistoryKey {
+    pub ikey: [u8; 64],
+    pub okey: [u8; 64],
+}
+
+impl std::fmt::Debug for HistoryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HistoryKey(..)")
+    }
+}
+
+/// What an instance makes of a positioned envelope when it holds a key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// Authenticated: position and body.
+    Genuine(StreamPosition, Bytes),
+    /// Claims a position without (or with a wrong) tag: never delivered.
+    Forged,
+    /// No position at all (a foreign plain `PUBLISH`): delivered as it is.
+    Plain(Bytes),
+}
+
+impl HistoryKey {
+    /// From a secret of 16 to 64 bytes.
+    pub fn new(secret: &[u8]) -> Option<HistoryKey> {
+        if !(16..=64).contains(&secret.len()) {
+            return None;
+        }
+        let mut ikey = [0x36u8; 64];
+        let mut okey = [0x5cu8; 64];
+        for (i, b) in secret.iter().enumerate() {
+            ikey[i] ^= b;
+            okey[i] ^= b;
+        }
+        Some(HistoryKey { ikey, okey })
+    }
+
+    /// The tag of `head` (`<offset>:<epoch>:`) and `body`, as 40 hex digits.
+    pub fn tag(&self, head: &[u8], body: &[u8]) -> [u8; 40] {
+        use sha1::{Digest, Sha1};
+        let mut inner = Sha1::new();
+        inner.update(self.ikey);
+        inner.update(head);
+        inner.update(body);
+        let inner = hex40(&inner.finalize());
+        let mut outer = Sha1::new();
+        outer.update(self.okey);
+        outer.update(inner);
+        hex40(&outer.finalize())
+    }
+
+    /// Checks an envelope's tag.
+    pub fn open(&self, raw: &Bytes) -> Opened {
+        match raw.get(..2) {
+            Some([MARK, AUTHENTICATED]) => {}
+            Some([MARK, POSITIONED]) => return Opened::Forged,
+            _ => return Opened::Plain(raw.clone()),
+        }
+        let Some(tag) = raw.get(2..42) else {
+            return Opened::Forged;
+        };
+        let rest = raw.slice(42..);
+        let mut as_h = BytesMut::with_capacity(rest.len() + 2);
+        as_h.put_u8(MARK);
+        as_h.put_u8(POSITIONED);
+        as_h.put_slice(&rest);
+        let Some((pos, body)) = split_position(&as_h.freeze()) else {
+            return Opened::Forged;
+        };
+        let head_len = rest.len() - body.len();
+        let expected = self.tag(&rest[..head_len], &body);
+        if crate::jwt::constant_time_eq(&expected, tag) {
+            Opened::Genuine(pos, body)
+        } else {
+            Opened::Forged
+        }
+    }
+}
+
+fn hex40(d: &[u8]) -> [u8; 40] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 40];
+    for (i, b) in d.iter().take(20).enumerate() {
+        out[2 * i] = HEX[(b >> 4) as usize];
+        out[2 * i + 1] = HEX[(b & 15) as usize];
+    }
+    out
+}
 
 /// Splits `0x00 'h' <offset> ':' <epoch> ':' body` into the position and the body.
 /// `None`: no position (plain Pub/Sub payload), or a malformed one (offset 0 or not a
 /// number, not an [`Epoch`]). A position here is only a *claim*: anyone who may PUBLISH
 /// can write one; gap repair believes it only once history confirms it.
 pub fn split_position(raw: &Bytes) -> Option<(StreamPosition, Bytes)> {
+    if raw.starts_with(&[MARK, AUTHENTICATED]) && raw.len() >= 42 {
+        // Keyed by a sender while this instance holds no key: the position as a claim,
+        // like any other (gap repair believes it only once history confirms it).
+        let mut as_h = BytesMut::with_capacity(raw.len() - 40);
+        as_h.put_u8(MARK);
+        as_h.put_u8(POSITIONED);
+        as_h.put_slice(&raw[42..]);
+        return split_position(&as_h.freeze());
+    }
     let rest = raw.strip_prefix(&[MARK, POSITIONED])?;
     let colon = rest.iter().position(|&b| b == b':')?;
     let offset: u64 = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
@@ -153,6 +261,51 @@ mod tests {
             (p.offset, p.epoch.as_bytes(), &rest[..]),
             (7, &b"e"[..], &b""[..])
         );
+    }
+
+    /// The tag as the publish script computes it, checked against Lua's arithmetic by
+    /// the integration tests; here: genuine opens, anything else is forged or plain.
+    #[test]
+    fn keyed_envelopes_open_only_with_the_right_tag() {
+        let key = HistoryKey::new(b"0123456789abcdef").expect("key");
+        assert!(HistoryKey::new(b"short").is_none());
+        let head = b"7:k3x9:";
+        let body = b"hello";
+        let tag = key.tag(head, body);
+        let mut raw = vec![0u8, b'H'];
+        raw.extend_from_slice(&tag);
+        raw.extend_from_slice(head);
+        raw.extend_from_slice(body);
+        let raw = Bytes::from(raw);
+        assert_eq!(
+            key.open(&raw),
+            Opened::Genuine(
+                StreamPosition::new(Epoch::from_static("k3x9"), 7),
+                Bytes::from_static(b"hello")
+            )
+        );
+        let other = HistoryKey::new(b"fedcba9876543210").expect("key");
+        assert_eq!(other.open(&raw), Opened::Forged, "another key");
+        let mut tampered = raw.to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(
+            key.open(&Bytes::from(tampered)),
+            Opened::Forged,
+            "another body"
+        );
+        assert_eq!(
+            key.open(&Bytes::from_static(b"\0h7:k3x9:x")),
+            Opened::Forged
+        );
+        assert_eq!(key.open(&Bytes::from_static(b"\0Hshort")), Opened::Forged);
+        assert_eq!(
+            key.open(&Bytes::from_static(b"plain")),
+            Opened::Plain(Bytes::from_static(b"plain"))
+        );
+        // Without a key the keyed envelope is an ordinary claim.
+        let (p, b) = split_position(&raw).expect("a claim");
+        assert_eq!((p.offset, &b[..]), (7, &b"hello"[..]));
     }
 
     #[test]

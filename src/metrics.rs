@@ -102,7 +102,7 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
-        let plain: [(&str, &str, &str, u64); 30] = [
+        let plain: [(&str, &str, &str, u64); 31] = [
             (
                 "wsfan_connections",
                 "gauge",
@@ -240,6 +240,12 @@ impl Metrics {
                 "counter",
                 "Live messages whose claimed position history did not confirm (forged, or of a lost history): dropped.",
                 bus.history.unconfirmed,
+            ),
+            (
+                "wsfan_history_forged_total",
+                "counter",
+                "With --history-key: positioned envelopes without a valid tag, never delivered.",
+                bus.history.forged,
             ),
             (
                 "wsfan_history_read_refused_total",

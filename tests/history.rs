@@ -511,6 +511,7 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
         ttl: 60,
         instance: "the-test".into(),
         max_entry: 70_000,
+        key: None,
     };
     let mut p = redis::pipe();
     for i in 1..=2000u64 {

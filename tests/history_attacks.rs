@@ -469,6 +469,7 @@ fn a_re_send_after_others_kept_the_channel_alive_is_not_stored_twice() {
         ttl: 1,
         instance: name.into(),
         max_entry: 1000,
+        key: None,
     };
     let call = |r: &mut redis::Connection, h: &History, seq: u64| -> (u64, u64) {
         h.publish(&sha, "ch", seq, &[(seq, b"x")])
@@ -572,4 +573,37 @@ fn a_top_offset_behind_the_stream_moves_forward_instead_of_failing() {
         a.metric("wsfan_redis_publish_refused_total{reason=\"other\"}"),
         0.0
     );
+}
+
+/// Finding 3, closed: with `--history-key` shared by every instance, a forged claim of
+/// the very next offset (plain `\0h`, or `\0H` with a wrong tag) is never delivered and
+/// is counted; real messages flow, across instances, tagged by Lua and checked in Rust.
+#[test]
+fn with_a_history_key_a_forged_next_offset_is_never_delivered() {
+    let redis = Redis::start();
+    let key = ["--history-key", "a shared secret of 32 bytes....."];
+    let a = instance(&redis, &key);
+    let b = instance(&redis, &key);
+    let mut cb = connect(&b.url("/ws/keyed"));
+    let mut ca = joined(&a, "keyed");
+    assert_eq!(recv_text(&mut cb), "hello");
+    let (epoch, top) = epoch_and_top(&redis, "keyed");
+    redis.publish("keyed", format!("\0h{}:{epoch}:SPOOF", top + 1).as_bytes());
+    let bad_tag = "0".repeat(40);
+    redis.publish(
+        "keyed",
+        format!("\0H{bad_tag}{}:{epoch}:SPOOF", top + 1).as_bytes(),
+    );
+    next_is_own(&mut ca, "real");
+    assert_eq!(
+        recv_text(&mut cb),
+        "real",
+        "the real one, nothing before it"
+    );
+    assert_eq!(a.metric("wsfan_history_forged_total"), 2.0);
+    assert_eq!(b.metric("wsfan_history_forged_total"), 2.0);
+    assert_eq!(a.metric("wsfan_history_conflicts_total"), 0.0);
+    // A foreign plain message is still delivered (interop).
+    redis.publish("keyed", b"plain neighbour");
+    assert_eq!(recv_text(&mut ca), "plain neighbour");
 }

@@ -24,14 +24,19 @@ struct Sdk {
 impl Sdk {
     fn start(url: &str, channel: &str) -> Sdk {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk");
-        if !std::path::Path::new(&format!("{dir}/node_modules/centrifuge")).exists() {
-            let ok = Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--silent"])
-                .current_dir(dir)
-                .status()
-                .expect("npm must be installed (see README)");
-            assert!(ok.success(), "npm ci in tests/sdk failed");
-        }
+        // Once per test binary: tests run in parallel, and two `npm ci` in one folder
+        // would pull node_modules from under each other.
+        static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+        INSTALLED.get_or_init(|| {
+            if !std::path::Path::new(&format!("{dir}/node_modules/centrifuge")).exists() {
+                let ok = Command::new("npm")
+                    .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                    .current_dir(dir)
+                    .status()
+                    .expect("npm must be installed (see README)");
+                assert!(ok.success(), "npm ci in tests/sdk failed");
+            }
+        });
         let mut child = Command::new("node")
             .arg(format!("{dir}/follow.mjs"))
             .args([url, channel])
@@ -159,6 +164,7 @@ fn the_sdk_recovers_everything_on_another_instance_after_its_own_is_killed() {
                 ttl: 300,
                 instance: "publisher".into(),
                 max_entry: 65_538,
+                key: None,
             };
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 300 {

@@ -41,6 +41,7 @@ pub fn history(n: usize, gap: usize) {
         ttl: 300,
         instance: "bench".into(),
         max_entry: 65_538,
+        key: None,
     };
     let scripted = pipelined(&mut conn, n, &|k| {
         h.publish(&sha, "bench", 1 << 50, &[(k as u64 + 1, &body[..])])
@@ -53,13 +54,27 @@ pub fn history(n: usize, gap: usize) {
                 .collect();
             h.publish(&sha, "bench", 1 << 50, &items)
         });
+    // With --history-key: two sha1hex per message in the script.
+    let keyed_h = history::History {
+        key: wsfan::envelope::HistoryKey::new(b"a shared secret of 32 bytes....."),
+        instance: "bench-keyed".into(),
+        ..h.clone()
+    };
+    let keyed = 16.0
+        * pipelined(&mut conn, n / 16, &|k| {
+            let items: Vec<(u64, &[u8])> = (0..16)
+                .map(|i| ((k * 16 + i) as u64 + 1, &body[..]))
+                .collect();
+            keyed_h.publish(&sha, "bench-keyed", 1 << 50, &items)
+        });
     report!(
-        "history: one Redis, 64-byte messages, pipelines of 1,000 calls: PUBLISH {:.0}/s; history script, one message per call {:.0}/s ({:.1}x fewer), 16 per call {:.0}/s ({:.1}x fewer)",
+        "history: one Redis, 64-byte messages, pipelines of 1,000 calls: PUBLISH {:.0}/s; history script, one message per call {:.0}/s ({:.1}x fewer), 16 per call {:.0}/s ({:.1}x fewer); 16 per call with --history-key {:.0}/s",
         plain,
         scripted,
         plain / scripted,
         batched,
-        plain / batched
+        plain / batched,
+        keyed
     );
 
     // A gap of `gap` messages: written into history as the script would, unpublished.

@@ -53,6 +53,7 @@ fn publish(redis: &common::Redis, channel: &str, n: usize) {
         ttl: 300,
         instance: format!("bench{}", std::process::id()),
         max_entry: 65_538,
+        key: None,
     };
     let body = format!("{{\"m\":\"{}\"}}", "x".repeat(54));
     let mut done = 0;

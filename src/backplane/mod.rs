@@ -131,6 +131,8 @@ pub struct HistoryStats {
     pub corrupt_dedupe: u64,
     /// Meta hashes wsfan did not write (bad epoch or top), replaced by a new epoch.
     pub corrupt_meta: u64,
+    /// With `--history-key`: positioned envelopes without a valid tag, never delivered.
+    pub forged: u64,
 }
 
 /// What the loop needs from a backplane. Every method returns at once: no blocking

@@ -21,6 +21,10 @@ pub fn from_config(cfg: &Config) -> Bus {
             history_size: cfg.history_size,
             history_ttl: cfg.history_ttl,
             hold_bytes: cfg.history_hold_bytes,
+            history_key: cfg
+                .history_key
+                .as_deref()
+                .and_then(|k| crate::envelope::HistoryKey::new(k.as_bytes())),
             timing: Timing {
                 ping_interval: cfg.redis_ping_interval,
                 timeout: cfg.redis_timeout,

@@ -315,6 +315,19 @@ pub const FLAGS: &[Flag] = &[
         },
     },
     Flag {
+        name: "history-key",
+        hint: "SECRET",
+        default: Dflt::Unset("off"),
+        help: "16-64 bytes shared by every instance: history envelopes are authenticated, forged ones never delivered",
+        set: |c, n, v| {
+            if crate::envelope::HistoryKey::new(v.as_bytes()).is_none() {
+                return Err(invalid(n, "expected 16 to 64 bytes"));
+            }
+            c.history_key = Some(v.to_string());
+            Ok(())
+        },
+    },
+    Flag {
         name: "jwt-secret",
         hint: "SECRET",
         default: Dflt::Unset("off"),

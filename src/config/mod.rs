@@ -85,6 +85,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// HS256 secret; when set, upgrades need a valid JWT in `?token=`. Default off.
     pub jwt_secret: Option<String>,
+    /// Shared by every instance: history envelopes carry a tag made with it, and one
+    /// without a valid tag is never delivered (closes forged next offsets). Off.
+    pub history_key: Option<String>,
     /// Bearer key of `POST /publish/<channel>`; the endpoint is off (404) without it.
     pub api_key: Option<String>,
     /// Set `SO_REUSEPORT` so several processes share the port. Default off. Without
@@ -140,6 +143,7 @@ impl Config {
             redis_backoff_max: Duration::ZERO,
             allowed_origins: Vec::new(),
             jwt_secret: None,
+            history_key: None,
             api_key: None,
             reuse_port: false,
             standalone: false,

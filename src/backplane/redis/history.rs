@@ -49,8 +49,9 @@ use redis::Value;
 
 /// KEYS: meta, stream. ARGV: channel, size, ttl, n, instance, the highest sequence
 /// number this instance ever gave out, the instance's clock (Unix seconds: when its
-/// dedupe field was last used, for pruning; Redis's `TIME` would cost every call), then
-/// n pairs of sequence number and payload (one channel's publishes, in order). Returns `{top, flags}` (top 0: all were re-sends
+/// dedupe field was last used, for pruning; Redis's `TIME` would cost every call), the
+/// `--history-key` pads `ikey` and `okey` (empty: no key; see `envelope`), then n pairs
+/// of sequence number and payload (one channel's publishes, in order). Returns `{top, flags}` (top 0: all were re-sends
 /// already applied; flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began
 /// again).
 pub const PUBLISH_SCRIPT: &str = r#"
@@ -67,7 +68,7 @@ if m[3] then
 end
 local fresh = 0
 for i = 1, n do
-  if tonumber(ARGV[6 + 2 * i]) > seen then fresh = fresh + 1 end
+  if tonumber(ARGV[8 + 2 * i]) > seen then fresh = fresh + 1 end
 end
 if fresh == 0 then return {0, flags} end
 local epoch, top = m[1], tonumber(m[2] or '0')
@@ -84,10 +85,10 @@ local off = top
 local last = seen
 local first = true
 for i = 1, n do
-  local seq = tonumber(ARGV[6 + 2 * i])
+  local seq = tonumber(ARGV[8 + 2 * i])
   if seq > seen then
     off = off + 1
-    local body = ARGV[7 + 2 * i]
+    local body = ARGV[9 + 2 * i]
     if first then
       first = false
       local r = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
@@ -104,7 +105,13 @@ for i = 1, n do
     else
       redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
     end
-    redis.call('PUBLISH', ARGV[1], '\0h' .. off .. ':' .. epoch .. ':' .. body)
+    local head = off .. ':' .. epoch .. ':'
+    if ARGV[8] == '' then
+      redis.call('PUBLISH', ARGV[1], '\0h' .. head .. body)
+    else
+      local tag = redis.sha1hex(ARGV[9] .. redis.sha1hex(ARGV[8] .. head .. body))
+      redis.call('PUBLISH', ARGV[1], '\0H' .. tag .. head .. body)
+    end
     last = seq
   end
 end
@@ -217,6 +224,8 @@ pub struct History {
     pub instance: String,
     /// The largest stream entry a read returns (`--max-message-size` + envelope).
     pub max_entry: usize,
+    /// `--history-key`: positioned envelopes carry a tag only its holders can make.
+    pub key: Option<crate::envelope::HistoryKey>,
 }
 
 /// The SHAs `SCRIPT LOAD` returned, once both are loaded.
@@ -261,6 +270,10 @@ impl History {
             .arg(&self.instance)
             .arg(max_seq)
             .arg(unix_now());
+        match &self.key {
+            Some(k) => c.arg(&k.ikey[..]).arg(&k.okey[..]),
+            None => c.arg("").arg(""),
+        };
         for (seq, body) in items {
             c.arg(*seq).arg(*body);
         }
@@ -437,6 +450,7 @@ mod tests {
             ttl: 60,
             instance: "i1".into(),
             max_entry: 100,
+            key: None,
         };
         let c = String::from_utf8(
             h.publish("sha", "p:room", 7, &[(7, b"x")])

@@ -114,6 +114,8 @@ pub struct Settings {
     pub history_ttl: Duration,
     /// `--history-hold-bytes`: live messages held while gaps are read, all channels.
     pub hold_bytes: usize,
+    /// `--history-key`: authenticated envelopes only.
+    pub history_key: Option<crate::envelope::HistoryKey>,
 }
 
 /// The smallest client frame (2-byte header + 4-byte mask, empty payload): a read of
@@ -147,6 +149,10 @@ pub struct RedisLink {
     subs: Subscriptions,
     outbox: Outbox,
     positions: Positions,
+    /// `--history-key`: envelopes are opened with it (forged ones dropped, counted).
+    history_key: Option<crate::envelope::HistoryKey>,
+    /// Positioned envelopes without a valid tag (with a key).
+    forged: u64,
     /// `Backplane::history` asks not yet answered.
     recoveries: Recoveries,
     events: Vec<BusEvent>,
@@ -178,6 +184,7 @@ impl RedisLink {
                 ttl: s.history_ttl.as_secs().max(1),
                 instance: instance_id(),
                 max_entry: s.max_payload + 2,
+                key: s.history_key.clone(),
             });
         }
         let conn = |name, token| Conn {
@@ -191,6 +198,8 @@ impl RedisLink {
             outbox,
             positions: Positions::new(s.hold_bytes, s.max_payload),
             recoveries: Recoveries::new(s.hold_bytes, s.max_payload),
+            history_key: s.history_key.clone(),
+            forged: 0,
             target: s.target,
             max_payload: s.max_payload,
             read_budget: READ_BUDGET,
@@ -538,6 +547,7 @@ impl Backplane for RedisLink {
             history: HistoryStats {
                 corrupt_dedupe: self.outbox.corrupt_dedupe,
                 corrupt_meta: self.outbox.corrupt_meta,
+                forged: self.forged,
                 ..self.positions.stats
             },
             publish_refused: self.outbox.refused,
@@ -573,6 +583,7 @@ mod tests {
             history_size: 0,
             history_ttl: Duration::from_secs(60),
             hold_bytes: 1 << 20,
+            history_key: None,
             timing: Timing {
                 ping_interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(5),
@@ -691,6 +702,7 @@ mod tests {
             history_size: 100,
             history_ttl: Duration::from_secs(60),
             hold_bytes: 1 << 20,
+            history_key: None,
             timing: Timing {
                 ping_interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(5),

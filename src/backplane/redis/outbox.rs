@@ -574,6 +574,7 @@ mod tests {
             ttl: 60,
             instance: "i".into(),
             max_entry: 100,
+            key: None,
         });
         assert_eq!(o.on_up().len(), 2, "SCRIPT LOAD twice");
         assert!(

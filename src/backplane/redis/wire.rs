@@ -143,9 +143,19 @@ impl RedisLink {
                 }
                 let name = name.to_string();
                 let raw = Bytes::from(payload);
-                let (pos, body) = match envelope::split_position(&raw) {
-                    Some((pos, body)) => (Some(pos), body),
-                    None => (None, raw),
+                let (pos, body) = match &self.history_key {
+                    Some(key) => match key.open(&raw) {
+                        envelope::Opened::Genuine(pos, body) => (Some(pos), body),
+                        envelope::Opened::Plain(raw) => (None, raw),
+                        envelope::Opened::Forged => {
+                            self.forged += 1;
+                            return Ok(()); // a position nobody with the key claimed
+                        }
+                    },
+                    None => match envelope::split_position(&raw) {
+                        Some((pos, body)) => (Some(pos), body),
+                        None => (None, raw),
+                    },
                 };
                 if body.len() > self.max_payload + 2 {
                     self.count_oversize();
