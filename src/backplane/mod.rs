@@ -154,6 +154,18 @@ pub trait Backplane {
     /// [`BusEvent::History`] carrying `id`, in this iteration or a later one; asks for
     /// the same channel and position at the same time share one read.
     fn history(&mut self, id: u64, channel: &str, since: Option<StreamPosition>, limit: usize);
+    /// Like [`Backplane::history`] from `after`, but for browsing rather than
+    /// recovering: the oldest `limit` publications after it (more are no `Lost`). With
+    /// `skip_trimmed`, a start history no longer holds is skipped too (then `Lost` only
+    /// for another epoch).
+    fn history_window(
+        &mut self,
+        id: u64,
+        channel: &str,
+        after: StreamPosition,
+        limit: usize,
+        skip_trimmed: bool,
+    );
     /// How many bytes of client input the loop may read now without the publishes in
     /// them overflowing the backplane's buffer (`None`: no limit — standalone, or an
     /// outage, where the buffer's drop-oldest rule applies). Below one frame's worth the

@@ -57,6 +57,25 @@ pub(super) enum Ask {
         conn: ConnId,
         serial: u64,
         cmd_id: u32,
+        stage: Stage,
+    },
+}
+
+/// Where a `history` command is.
+#[derive(Debug)]
+pub(super) enum Stage {
+    /// This answer is the reply: oldest first, or (`reverse`) newest first; only
+    /// offsets below `before` (reverse from a position); at most `limit`.
+    Final {
+        reverse: bool,
+        before: Option<u64>,
+        limit: usize,
+    },
+    /// The channel's top first, then the window it places.
+    Top {
+        since: Option<StreamPosition>,
+        reverse: bool,
+        limit: usize,
     },
 }
 
@@ -174,27 +193,93 @@ impl Server {
                 if let Err(code) = self.allowed(id, &channel) {
                     return self.reply(id, proto::error_reply(cmd_id, code));
                 }
-                // Served: the top (`limit` 0), or what followed `since` (up to `limit`).
-                // Not yet: `reverse`, and a `limit` without `since` (from the stream's
-                // start): refused, not answered wrongly.
-                let unsupported = reverse || (limit > 0 && since.is_none());
-                if unsupported || limit < 0 || limit as usize > self.cfg.history_size.max(1) {
+                if limit < 0 || limit as usize > self.cfg.history_size.max(1) {
                     return self.reply(id, proto::error_reply(cmd_id, ErrorCode::BadRequest));
                 }
-                let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
-                let ask = self.next_ask();
-                self.asks.insert(
-                    ask,
-                    super::centrifugo::Ask::History {
-                        conn: id,
-                        serial,
-                        cmd_id,
+                let limit = limit as usize;
+                let stage = match (&since, reverse, limit) {
+                    // The top only.
+                    (_, _, 0) => Stage::Final {
+                        reverse: false,
+                        before: None,
+                        limit: 0,
                     },
-                );
-                let since = if limit == 0 { None } else { since };
-                self.bus.history(ask, &channel, since, limit as usize);
+                    // What followed a position (a trimmed position is 112).
+                    (Some(p), false, _) => {
+                        let stage = Stage::Final {
+                            reverse: false,
+                            before: None,
+                            limit,
+                        };
+                        let p = p.clone();
+                        return self.history_window(id, cmd_id, &channel, p, stage, limit, false);
+                    }
+                    // From the stream's start, the newest, or before a position: the
+                    // top first places the window.
+                    _ => Stage::Top {
+                        since: since.clone(),
+                        reverse,
+                        limit,
+                    },
+                };
+                let since = match stage {
+                    Stage::Final { limit: l, .. } if l > 0 => since,
+                    _ => None,
+                };
+                self.ask_history_stage(id, cmd_id, &channel, stage, since, limit);
             }
         }
+    }
+
+    fn ask_history_stage(
+        &mut self,
+        id: ConnId,
+        cmd_id: u32,
+        channel: &str,
+        stage: Stage,
+        since: Option<StreamPosition>,
+        limit: usize,
+    ) {
+        let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
+        let ask = self.next_ask();
+        self.asks.insert(
+            ask,
+            Ask::History {
+                conn: id,
+                serial,
+                cmd_id,
+                stage,
+            },
+        );
+        self.bus.history(ask, channel, since, limit);
+    }
+
+    /// The window of a `history` command (after a position, or once the top placed it).
+    #[allow(clippy::too_many_arguments)]
+    fn history_window(
+        &mut self,
+        id: ConnId,
+        cmd_id: u32,
+        channel: &str,
+        after: StreamPosition,
+        stage: Stage,
+        limit: usize,
+        skip_trimmed: bool,
+    ) {
+        let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
+        let ask = self.next_ask();
+        self.asks.insert(
+            ask,
+            Ask::History {
+                conn: id,
+                serial,
+                cmd_id,
+                stage,
+            },
+        );
+        // A reverse window may hold up to `limit` more below the first wanted offset.
+        self.bus
+            .history_window(ask, channel, after, limit * 2 + 1, skip_trimmed);
     }
 
     fn next_ask(&mut self) -> u64 {
@@ -359,18 +444,72 @@ impl Server {
                 conn,
                 serial,
                 cmd_id,
+                stage,
             }) => {
                 if self.conns.get(conn.0).is_none_or(|c| c.serial != serial) {
                     return;
                 }
-                let s = match &answer {
-                    Recovery::Complete { publications, top } => {
-                        proto::history_reply(cmd_id, publications, top.as_ref())
+                match (stage, answer) {
+                    (_, Recovery::Failed) => {
+                        self.reply(conn, proto::error_reply(cmd_id, ErrorCode::NotAvailable))
                     }
-                    Recovery::Lost { .. } => proto::error_reply(cmd_id, ErrorCode::Unrecoverable),
-                    Recovery::Failed => proto::error_reply(cmd_id, ErrorCode::NotAvailable),
-                };
-                self.reply(conn, s);
+                    (_, Recovery::Lost { .. }) => {
+                        self.reply(conn, proto::error_reply(cmd_id, ErrorCode::Unrecoverable))
+                    }
+                    (
+                        Stage::Top {
+                            since,
+                            reverse,
+                            limit,
+                        },
+                        Recovery::Complete { top, .. },
+                    ) => {
+                        let Some(top) = top else {
+                            // No history at all: nothing to list.
+                            return self.reply(conn, proto::history_reply(cmd_id, &[], None));
+                        };
+                        let (after, before) = match (&since, reverse) {
+                            (Some(s), true) if s.epoch != top.epoch => {
+                                let e = proto::error_reply(cmd_id, ErrorCode::Unrecoverable);
+                                return self.reply(conn, e);
+                            }
+                            (Some(s), true) => {
+                                (s.offset.saturating_sub(limit as u64 + 1), Some(s.offset))
+                            }
+                            (_, true) => (top.offset.saturating_sub(limit as u64), None),
+                            (_, false) => (0, None),
+                        };
+                        let stage = Stage::Final {
+                            reverse,
+                            before,
+                            limit,
+                        };
+                        let after = StreamPosition::new(top.epoch.clone(), after);
+                        self.history_window(conn, cmd_id, channel, after, stage, limit, true);
+                    }
+                    (
+                        Stage::Final {
+                            reverse,
+                            before,
+                            limit,
+                        },
+                        Recovery::Complete { publications, top },
+                    ) => {
+                        let mut pubs: Vec<Publication> = publications
+                            .iter()
+                            .filter(|p| before.is_none_or(|b| p.pos.offset < b))
+                            .cloned()
+                            .collect();
+                        if reverse {
+                            let skip = pubs.len().saturating_sub(limit);
+                            pubs.drain(..skip);
+                            pubs.reverse();
+                        } else {
+                            pubs.truncate(limit);
+                        }
+                        self.reply(conn, proto::history_reply(cmd_id, &pubs, top.as_ref()));
+                    }
+                }
             }
             Some(Ask::Subscribe { .. }) | None => {}
         }

@@ -315,6 +315,19 @@ impl MemHistory {
         Some(crate::message::StreamPosition::new(epoch, h.top))
     }
 
+    /// Up to `limit` entries after `offset` that history still holds (a trimmed start
+    /// skipped), oldest first.
+    pub fn window(&self, channel: &str, offset: u64, limit: usize) -> Vec<(u64, Kind, Bytes)> {
+        self.chans.get(channel).map_or_else(Vec::new, |h| {
+            h.entries
+                .iter()
+                .filter(|e| e.0 > offset)
+                .take(limit)
+                .cloned()
+                .collect()
+        })
+    }
+
     /// The channel's current epoch and top offset.
     pub fn top(&self, channel: &str) -> Option<(Bytes, u64)> {
         self.chans

@@ -105,6 +105,44 @@ impl Backplane for LocalBus {
         });
     }
 
+    fn history_window(
+        &mut self,
+        id: u64,
+        channel: &str,
+        after: StreamPosition,
+        limit: usize,
+        skip_trimmed: bool,
+    ) {
+        let top = self.history.position(channel);
+        let trimmed = !skip_trimmed
+            && self
+                .history
+                .since(channel, after.epoch.as_bytes(), after.offset)
+                == Since::Lost;
+        let answer = match &top {
+            Some(t) if t.epoch == after.epoch && !trimmed => {
+                let m = self.history.window(channel, after.offset, limit);
+                Recovery::Complete {
+                    publications: m
+                        .into_iter()
+                        .map(|(offset, kind, payload)| Publication {
+                            pos: StreamPosition::new(t.epoch.clone(), offset),
+                            kind,
+                            payload,
+                        })
+                        .collect(),
+                    top: top.clone(),
+                }
+            }
+            _ => Recovery::Lost { top },
+        };
+        self.queue.push_back(BusEvent::History {
+            id,
+            channel: channel.to_string(),
+            answer,
+        });
+    }
+
     fn drain(&mut self, out: &mut Vec<BusEvent>) {
         out.extend(self.queue.drain(..));
     }

@@ -363,6 +363,21 @@ impl Backplane for RedisLink {
         self.recoveries.ask(id, channel, since, limit);
     }
 
+    fn history_window(
+        &mut self,
+        id: u64,
+        channel: &str,
+        after: StreamPosition,
+        limit: usize,
+        skip_trimmed: bool,
+    ) {
+        if !self.outbox.history_on() {
+            return self.history(id, channel, Some(after), limit);
+        }
+        self.recoveries
+            .ask_window(id, channel, after, limit, skip_trimmed);
+    }
+
     /// Over the limit while flowing too: with backpressure, WebSocket publishers wait
     /// for room, and the publish API answers 503 rather than drop a buffered message.
     fn is_full(&self, extra: usize) -> bool {

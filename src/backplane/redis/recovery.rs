@@ -14,9 +14,19 @@ use crate::envelope;
 use crate::message::StreamPosition;
 use std::collections::{HashMap, VecDeque};
 
-/// What a shared read is for: a channel, and the position after which to read
-/// (`None`: only the top).
-pub type Key = (Box<str>, Option<StreamPosition>);
+/// What a shared read is for: a channel, the position after which to read (`None`:
+/// only the top), and how (`Mode`).
+pub type Key = (Box<str>, Option<StreamPosition>, Mode);
+
+/// How a read's answer is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// A recovery: everything after the position, or `Lost` (trimmed, over the limit).
+    Recover,
+    /// A window (`Backplane::history_window`): the oldest `limit` after the position;
+    /// `skip_trimmed`: a start history no longer holds is skipped instead of `Lost`.
+    Window { skip_trimmed: bool },
+}
 
 /// A read to send on the publish link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +94,24 @@ impl Recoveries {
 
     /// A new ask: joins a read of the same channel and position if one is under way.
     pub fn ask(&mut self, id: u64, channel: &str, since: Option<StreamPosition>, limit: usize) {
-        let from = since.as_ref().map_or(0, |p| p.offset + 1);
-        let key: Key = (channel.into(), since);
+        self.ask_key(id, (channel.into(), since, Mode::Recover), limit);
+    }
+
+    /// An ask for the oldest `limit` publications after `after`.
+    pub fn ask_window(
+        &mut self,
+        id: u64,
+        channel: &str,
+        after: StreamPosition,
+        limit: usize,
+        skip_trimmed: bool,
+    ) {
+        let key = (channel.into(), Some(after), Mode::Window { skip_trimmed });
+        self.ask_key(id, key, limit);
+    }
+
+    fn ask_key(&mut self, id: u64, key: Key, limit: usize) {
+        let from = key.1.as_ref().map_or(0, |p| p.offset + 1);
         match self.pending.get_mut(&key) {
             Some(p) => p.asks.push((id, limit)),
             None => {
@@ -132,7 +158,7 @@ impl Recoveries {
                 again.push(k.clone());
             }
         }
-        again.sort_by(|a, b| a.0.cmp(&b.0));
+        again.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
         self.to_send.extend(again);
     }
 
@@ -174,12 +200,17 @@ impl Recoveries {
         let top = Some(StreamPosition::new(s.epoch.clone(), s.top));
         let max_bytes = self.max_bytes;
         let max_payload = self.max_payload;
+        let window = key.2 != Mode::Recover;
+        let lenient = key.2 == Mode::Window { skip_trimmed: true };
         let p = self.pending.get_mut(key)?;
         let limit = p.asks.iter().map(|a| a.1).max().unwrap_or(0);
         if s.epoch != at.epoch || at.offset > s.top {
             return Some(Recovery::Lost { top });
         }
         for (o, body) in s.entries {
+            if lenient && p.got.is_empty() && o > p.from {
+                p.from = o; // a trimmed start: what history holds begins here
+            }
             if o != p.from {
                 // Trimmed, expired, or an entry too large for this instance: a hole.
                 return Some(Recovery::Lost { top });
@@ -195,11 +226,21 @@ impl Recoveries {
                 payload,
             });
             p.from = o + 1;
+            if window && p.got.len() >= limit {
+                // A window is full: the oldest `limit` are the answer.
+                return Some(Recovery::Complete {
+                    publications: std::mem::take(&mut p.got).into(),
+                    top,
+                });
+            }
             if p.got.len() > limit || p.bytes > max_bytes {
                 return Some(Recovery::Lost { top });
             }
         }
         let covered = s.next.saturating_sub(1).min(s.top);
+        if lenient && p.got.is_empty() && p.from <= covered {
+            p.from = covered + 1; // nothing held there
+        }
         if p.from <= covered {
             return Some(Recovery::Lost { top }); // looked past entries it did not return
         }
@@ -220,6 +261,15 @@ impl Recoveries {
         };
         for (id, limit) in p.asks {
             let a = match &answer {
+                // A window asker with a smaller limit gets the oldest it asked for.
+                Recovery::Complete { publications, top }
+                    if key.2 != Mode::Recover && publications.len() > limit =>
+                {
+                    Recovery::Complete {
+                        publications: publications[..limit].into(),
+                        top: top.clone(),
+                    }
+                }
                 Recovery::Complete { publications, top } if publications.len() > limit => {
                     Recovery::Lost { top: top.clone() }
                 }
@@ -343,6 +393,27 @@ mod tests {
         assert!(out.is_empty(), "stale");
         r.on_range(&again, stream("e", 2, 2..3, 3), &mut out);
         assert_eq!(offsets(&answers(&mut out)[0].1), [2]);
+    }
+
+    #[test]
+    fn a_window_skips_a_trimmed_start_a_recovery_does_not() {
+        let mut out = Vec::new();
+        let mut r = Recoveries::new(1 << 20, 1 << 16);
+        r.ask_window(
+            1,
+            "c",
+            StreamPosition::new(Epoch::from_static("e"), 0),
+            100,
+            true,
+        );
+        r.ask(2, "c", at("e", 0), 100);
+        let a = r.next_read().expect("window read");
+        let b = r.next_read().expect("recovery read");
+        r.on_range(&a, stream("e", 20, 15..21, 21), &mut out);
+        r.on_range(&b, stream("e", 20, 15..21, 21), &mut out);
+        let got = answers(&mut out);
+        assert_eq!(offsets(&got[0].1), [15, 16, 17, 18, 19, 20]);
+        assert!(matches!(got[1].1, Recovery::Lost { .. }));
     }
 
     #[test]
