@@ -472,9 +472,11 @@ fn a_re_send_after_others_kept_the_channel_alive_is_not_stored_twice() {
         key: None,
     };
     let call = |r: &mut redis::Connection, h: &History, seq: u64| -> (u64, u64) {
-        h.publish(&sha, "ch", seq, &[(seq, b"x")])
+        let per_channel: Vec<(u64, u64)> = h
+            .publish(&sha, "ch", seq, &[(seq, b"x")])
             .query(r)
-            .expect("script")
+            .expect("script");
+        per_channel[0]
     };
     let (a, b) = (inst("a"), inst("b"));
     assert_eq!(call(&mut r, &a, 1), (1, 0));
@@ -606,4 +608,63 @@ fn with_a_history_key_a_forged_next_offset_is_never_delivered() {
     // A foreign plain message is still delivered (interop).
     redis.publish("keyed", b"plain neighbour");
     assert_eq!(recv_text(&mut ca), "plain neighbour");
+}
+
+/// Issue 18, batching: one script call carries the publishes of many channels. 500
+/// channels, a message each per round, 3 rounds: every client gets its own messages
+/// exactly once, in order; a channel whose meta key is a neighbour's string is refused
+/// alone (counted), the others in the same calls go on.
+#[test]
+fn many_channels_share_script_calls_and_a_bad_one_is_refused_alone() {
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    let mut clients: Vec<Ws> = (0..500)
+        .map(|i| connect(&a.url(&format!("/ws/ch{i}"))))
+        .collect();
+    let _: () = redis::cmd("SET")
+        .arg(meta("ch250"))
+        .arg("not a hash")
+        .query(&mut redis.conn())
+        .expect("SET");
+    let calls0 = redis_calls(&redis);
+    let reads0 = a.metric("wsfan_history_reads_total");
+    for round in 0..3 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            send_text(c, &format!("ch{i} round {round}"));
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i == 250 {
+            continue;
+        }
+        for round in 0..3 {
+            assert_eq!(recv_text(c), format!("ch{i} round {round}"));
+        }
+    }
+    next_is_own(&mut clients[0], "after");
+    // Script calls that were publishes (the rest are history reads: a fresh channel's
+    // first epoch is read once).
+    let reads = a.metric("wsfan_history_reads_total") - reads0;
+    let calls = redis_calls(&redis) - calls0 - reads;
+    assert!(
+        calls <= 1500.0 / 8.0,
+        "{calls} publish calls for 1,500 publishes"
+    );
+    assert_eq!(
+        a.metric("wsfan_redis_publish_refused_total{reason=\"wrongtype\"}"),
+        3.0
+    );
+}
+
+/// EVALSHA calls Redis has run (`INFO commandstats`).
+fn redis_calls(redis: &Redis) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .expect("INFO");
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split(&[':', ',']).find_map(|f| f.strip_prefix("calls=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -54,6 +54,19 @@ pub fn history(n: usize, gap: usize) {
                 .collect();
             h.publish(&sha, "bench", 1 << 50, &items)
         });
+    // 1,000 channels, one message each per round: the outbox puts up to 64 consecutive
+    // publishes of any channels in one call (issue 18's "batching across channels").
+    let names: Vec<String> = (0..1000).map(|i| format!("room{i}")).collect();
+    let spread = 64.0
+        * pipelined(&mut conn, n / 64, &|k| {
+            let groups: Vec<history::ChannelGroup<'_>> = (0..64)
+                .map(|i| {
+                    let seq = (2 * n + k * 64 + i) as u64 + 1;
+                    (names[(k * 64 + i) % 1000].as_str(), vec![(seq, &body[..])])
+                })
+                .collect();
+            h.publish_channels(&sha, 1 << 50, &groups)
+        });
     // With --history-key: two sha1hex per message in the script.
     let keyed_h = history::History {
         key: wsfan::envelope::HistoryKey::new(b"a shared secret of 32 bytes....."),
@@ -68,12 +81,14 @@ pub fn history(n: usize, gap: usize) {
             keyed_h.publish(&sha, "bench-keyed", 1 << 50, &items)
         });
     report!(
-        "history: one Redis, 64-byte messages, pipelines of 1,000 calls: PUBLISH {:.0}/s; history script, one message per call {:.0}/s ({:.1}x fewer), 16 per call {:.0}/s ({:.1}x fewer); 16 per call with --history-key {:.0}/s",
+        "history: one Redis, 64-byte messages, pipelines of 1,000 calls: PUBLISH {:.0}/s; history script, one message per call {:.0}/s ({:.1}x fewer), 16 per call {:.0}/s ({:.1}x fewer); 1,000 channels one message each, 64 channels per call {:.0}/s ({:.1}x fewer); 16 per call with --history-key {:.0}/s",
         plain,
         scripted,
         plain / scripted,
         batched,
         plain / batched,
+        spread,
+        plain / spread,
         keyed
     );
 

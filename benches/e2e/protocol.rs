@@ -62,7 +62,7 @@ fn publish(redis: &common::Redis, channel: &str, n: usize) {
         let items: Vec<(u64, &[u8])> = (0..k)
             .map(|i| ((done + i + 1) as u64, body.as_bytes()))
             .collect();
-        let _: (u64, u64) = h
+        let _: Vec<(u64, u64)> = h
             .publish(&sha, channel, (done + k) as u64, &items)
             .query(&mut r)
             .expect("publish");

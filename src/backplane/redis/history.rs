@@ -47,87 +47,115 @@ use crate::message::Epoch;
 use bytes::Bytes;
 use redis::Value;
 
-/// KEYS: meta, stream. ARGV: channel, size, ttl, n, instance, the highest sequence
-/// number this instance ever gave out, the instance's clock (Unix seconds: when its
-/// dedupe field was last used, for pruning; Redis's `TIME` would cost every call), the
-/// `--history-key` pads `ikey` and `okey` (empty: no key; see `envelope`), then n pairs
-/// of sequence number and payload (one channel's publishes, in order). Returns `{top, flags}` (top 0: all were re-sends
-/// already applied; flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began
-/// again).
+/// KEYS: meta and stream of each channel of the call, in pairs. ARGV: size, ttl,
+/// instance, the highest sequence number this instance ever gave out, the instance's
+/// clock (Unix seconds: when its dedupe field was last used, for pruning; Redis's `TIME`
+/// would cost every call), the `--history-key` pads `ikey` and `okey` (empty: no key;
+/// see `envelope`), then for each channel: its name, n, and n pairs of sequence number
+/// and payload (that channel's publishes, in order).
+///
+/// One call carries the publishes of several channels (`Outbox::send_next`): the Lua
+/// call and the round trip are paid once for all of them; per channel it reads the meta
+/// hash, appends and publishes each message, and writes the meta hash and two TTLs.
+/// Returns, per channel, `{top, flags}` (top 0: all were re-sends already applied;
+/// flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began again) or
+/// `{-1, error}` when Redis refused that channel for good (a key of the wrong type):
+/// the other channels go on. A refusal that is a link condition (`READONLY`, `OOM`, …)
+/// refuses the whole call (it comes at the first write, before anything is written).
 pub const PUBLISH_SCRIPT: &str = r#"
-local meta, stream = KEYS[1], KEYS[2]
-local n = tonumber(ARGV[4])
-local field = 'p:' .. ARGV[5]
-local maxseq = tonumber(ARGV[6])
-local m = redis.call('HMGET', meta, 'e', 's', field)
-local flags = 0
-local seen = 0
-if m[3] then
-  seen = tonumber(string.match(m[3], '^(%d+):'))
-  if not seen or seen > maxseq then seen = 0; flags = 1 end
+local size, ttl, field = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
+local maxseq, now, ikey, okey = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local function refused(err)
+  local code = string.match(err, '^(%u+)') or ''
+  if code == 'READONLY' or code == 'OOM' or code == 'LOADING' or code == 'BUSY'
+     or code == 'MASTERDOWN' or code == 'NOREPLICAS' or code == 'CLUSTERDOWN'
+     or code == 'TRYAGAIN' or code == 'MOVED' or code == 'ASK' then
+    return redis.error_reply(err)
+  end
+  return {-1, err}
 end
-local fresh = 0
-for i = 1, n do
-  if tonumber(ARGV[8 + 2 * i]) > seen then fresh = fresh + 1 end
-end
-if fresh == 0 then return {0, flags} end
-local epoch, top = m[1], tonumber(m[2] or '0')
-local now = tonumber(ARGV[7])
-if not epoch or #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$')
-   or not top or top < 0 or top ~= math.floor(top) or top > 9007199254740000 then
-  if epoch or m[2] then flags = flags + 2 end
-  local t = redis.call('TIME')
-  epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
-  redis.call('DEL', meta, stream)
-  top = 0
-end
-local off = top
-local last = seen
-local first = true
-for i = 1, n do
-  local seq = tonumber(ARGV[8 + 2 * i])
-  if seq > seen then
-    off = off + 1
-    local body = ARGV[9 + 2 * i]
-    if first then
-      first = false
-      local r = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
-      if type(r) == 'table' and r.err then
-        if not string.find(r.err, 'equal or smaller', 1, true) then
-          return redis.error_reply(r.err)
+local function group(meta, stream, channel, n, base)
+  local m = redis.pcall('HMGET', meta, 'e', 's', field)
+  if m.err then return refused(m.err) end
+  local flags = 0
+  local seen = 0
+  if m[3] then
+    seen = tonumber(string.match(m[3], '^(%d+):'))
+    if not seen or seen > maxseq then seen = 0; flags = 1 end
+  end
+  local fresh = 0
+  for i = 1, n do
+    if tonumber(ARGV[base + 2 * i - 2]) > seen then fresh = fresh + 1 end
+  end
+  if fresh == 0 then return {0, flags} end
+  local epoch, top = m[1], tonumber(m[2] or '0')
+  if not epoch or #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$')
+     or not top or top < 0 or top ~= math.floor(top) or top > 9007199254740000 then
+    if epoch or m[2] then flags = flags + 2 end
+    local t = redis.call('TIME')
+    epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
+    local d = redis.pcall('DEL', meta, stream)
+    if type(d) == 'table' and d.err then return refused(d.err) end
+    top = 0
+  end
+  local off = top
+  local last = seen
+  local first = true
+  for i = 1, n do
+    local seq = tonumber(ARGV[base + 2 * i - 2])
+    if seq > seen then
+      off = off + 1
+      local body = ARGV[base + 2 * i - 1]
+      if first then
+        first = false
+        local r = redis.pcall('XADD', stream, 'MAXLEN', '~', size, off .. '-0', 'd', body)
+        if type(r) == 'table' and r.err then
+          if not string.find(r.err, 'equal or smaller', 1, true) then
+            return refused(r.err)
+          end
+          -- The stream is ahead of the top (offsets reused): move past its last entry.
+          local tail = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+          off = tonumber(string.match(tail[1][1], '^(%d+)')) + 1
+          flags = bit.bor(flags, 2)
+          redis.call('XADD', stream, 'MAXLEN', '~', size, off .. '-0', 'd', body)
         end
-        -- The stream is ahead of the top (offsets reused): move past its last entry.
-        local tail = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-        off = tonumber(string.match(tail[1][1], '^(%d+)')) + 1
-        flags = bit.bor(flags, 2)
-        redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
+      else
+        redis.call('XADD', stream, 'MAXLEN', '~', size, off .. '-0', 'd', body)
       end
-    else
-      redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], off .. '-0', 'd', body)
-    end
-    local head = off .. ':' .. epoch .. ':'
-    if ARGV[8] == '' then
-      redis.call('PUBLISH', ARGV[1], '\0h' .. head .. body)
-    else
-      local tag = redis.sha1hex(ARGV[9] .. redis.sha1hex(ARGV[8] .. head .. body))
-      redis.call('PUBLISH', ARGV[1], '\0H' .. tag .. head .. body)
-    end
-    last = seq
-  end
-end
-if not m[3] and redis.call('HLEN', meta) > DEDUPE_FIELDS then
-  local all = redis.call('HGETALL', meta)
-  for i = 1, #all, 2 do
-    local at = string.match(all[i + 1], ':(%d+)$')
-    if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + 2 * tonumber(ARGV[3]) + 60 < now) then
-      redis.call('HDEL', meta, all[i])
+      local head = off .. ':' .. epoch .. ':'
+      if ikey == '' then
+        redis.call('PUBLISH', channel, '\0h' .. head .. body)
+      else
+        local tag = redis.sha1hex(okey .. redis.sha1hex(ikey .. head .. body))
+        redis.call('PUBLISH', channel, '\0H' .. tag .. head .. body)
+      end
+      last = seq
     end
   end
+  if not m[3] and redis.call('HLEN', meta) > DEDUPE_FIELDS then
+    local all = redis.call('HGETALL', meta)
+    for i = 1, #all, 2 do
+      local at = string.match(all[i + 1], ':(%d+)$')
+      if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + 2 * tonumber(ttl) + 60 < now) then
+        redis.call('HDEL', meta, all[i])
+      end
+    end
+  end
+  redis.call('HSET', meta, 'e', epoch, 's', off, field, last .. ':' .. now)
+  redis.call('EXPIRE', meta, ttl)
+  redis.call('EXPIRE', stream, ttl)
+  return {off, flags}
 end
-redis.call('HSET', meta, 'e', epoch, 's', off, field, last .. ':' .. now)
-redis.call('EXPIRE', meta, ARGV[3])
-redis.call('EXPIRE', stream, ARGV[3])
-return {off, flags}
+local out = {}
+local a = 8
+for g = 1, #KEYS / 2 do
+  local n = tonumber(ARGV[a + 1])
+  local r = group(KEYS[2 * g - 1], KEYS[2 * g], ARGV[a], n, a + 2)
+  if r.err then return r end
+  out[g] = r
+  a = a + 2 + 2 * n
+end
+return out
 "#;
 
 /// Dedupe fields a meta hash holds before those of silent instances are pruned.
@@ -258,15 +286,24 @@ impl History {
     /// One script call publishing `items` (sequence number, payload) on `ch`, in order;
     /// `max_seq`: the highest sequence number this instance ever gave out.
     pub fn publish(&self, sha: &str, ch: &str, max_seq: u64, items: &[(u64, &[u8])]) -> redis::Cmd {
+        self.publish_channels(sha, max_seq, &[(ch, items.to_vec())])
+    }
+
+    /// One script call publishing the publishes of several channels (each channel's in
+    /// order): `groups` of (Redis channel, its (sequence number, payload) pairs).
+    pub fn publish_channels(
+        &self,
+        sha: &str,
+        max_seq: u64,
+        groups: &[ChannelGroup<'_>],
+    ) -> redis::Cmd {
         let mut c = redis::cmd("EVALSHA");
-        c.arg(sha)
-            .arg(2)
-            .arg(meta(ch))
-            .arg(stream(ch))
-            .arg(ch)
-            .arg(self.size)
+        c.arg(sha).arg(groups.len() * 2);
+        for (ch, _) in groups {
+            c.arg(meta(ch)).arg(stream(ch));
+        }
+        c.arg(self.size)
             .arg(self.ttl)
-            .arg(items.len())
             .arg(&self.instance)
             .arg(max_seq)
             .arg(unix_now());
@@ -274,8 +311,11 @@ impl History {
             Some(k) => c.arg(&k.ikey[..]).arg(&k.okey[..]),
             None => c.arg("").arg(""),
         };
-        for (seq, body) in items {
-            c.arg(*seq).arg(*body);
+        for (ch, items) in groups {
+            c.arg(*ch).arg(items.len());
+            for (seq, body) in items {
+                c.arg(*seq).arg(*body);
+            }
         }
         c
     }
@@ -319,17 +359,42 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Parses the publish script's reply: `(top, flags)`.
-pub fn parse_published(v: &Value) -> Option<(u64, u8)> {
-    match v {
-        Value::Array(a) => match a.as_slice() {
-            [Value::Int(top), Value::Int(flags)] if *top >= 0 && (0..4).contains(flags) => {
-                Some((*top as u64, *flags as u8))
-            }
+/// One channel's publishes in a script call: the Redis channel and its (sequence
+/// number, payload) pairs, in order.
+pub type ChannelGroup<'a> = (&'a str, Vec<(u64, &'a [u8])>);
+
+/// What the publish script answered for one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelResult {
+    /// Applied (or all re-sends already applied): the flags (see `PUBLISH_SCRIPT`).
+    Published { flags: u8 },
+    /// Refused for good for this channel: Redis's error text.
+    Refused(String),
+}
+
+/// Parses the publish script's reply: one result per channel of the call.
+pub fn parse_published(v: &Value) -> Option<Vec<ChannelResult>> {
+    let Value::Array(groups) = v else {
+        return None;
+    };
+    groups
+        .iter()
+        .map(|g| match g {
+            Value::Array(a) => match a.as_slice() {
+                [Value::Int(top), Value::Int(flags)] if *top >= 0 && (0..4).contains(flags) => {
+                    Some(ChannelResult::Published {
+                        flags: *flags as u8,
+                    })
+                }
+                [Value::Int(-1), Value::BulkString(e)] => Some(ChannelResult::Refused(
+                    String::from_utf8_lossy(e).into_owned(),
+                )),
+                [Value::Int(-1), Value::SimpleString(e)] => Some(ChannelResult::Refused(e.clone())),
+                _ => None,
+            },
             _ => None,
-        },
-        _ => None,
-    }
+        })
+        .collect()
 }
 
 /// Parses the read script's reply. Anything but what the script returns is an error
@@ -431,15 +496,22 @@ mod tests {
         ] {
             assert!(parse_range(bad.clone()).is_err(), "{bad:?}");
         }
+        let one = |a: Value, b: Value| Value::Array(vec![Value::Array(vec![a, b])]);
         assert_eq!(
-            parse_published(&Value::Array(vec![Value::Int(7), Value::Int(1)])),
-            Some((7, 1))
+            parse_published(&one(Value::Int(7), Value::Int(1))),
+            Some(vec![ChannelResult::Published { flags: 1 }])
+        );
+        assert_eq!(
+            parse_published(&one(Value::Int(-1), bulk("WRONGTYPE x"))),
+            Some(vec![ChannelResult::Refused("WRONGTYPE x".into())])
         );
         for bad in [
             Value::Int(7),
-            Value::Array(vec![Value::Int(-1), Value::Int(0)]),
+            Value::Array(vec![Value::Int(7), Value::Int(1)]),
+            one(Value::Int(-1), Value::Int(0)),
+            one(Value::Int(3), Value::Int(9)),
         ] {
-            assert_eq!(parse_published(&bad), None);
+            assert_eq!(parse_published(&bad), None, "{bad:?}");
         }
     }
 

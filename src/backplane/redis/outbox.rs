@@ -29,8 +29,9 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// What the next reply on the publish link answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Expect {
-    /// One PUBLISH, or one script call carrying this many publishes of one channel.
-    Publish(usize),
+    /// One PUBLISH (`[1]`), or one script call carrying, per channel in order, this
+    /// many publishes.
+    Publish(Vec<usize>),
     Ping,
     LoadPublish,
     LoadRead,
@@ -297,11 +298,10 @@ impl Outbox {
     /// The next publish to write (moved in flight), while fewer than the message limit
     /// are in flight.
     ///
-    /// With history, consecutive waiting publishes of one channel go in one script call
-    /// (up to `BATCH_MESSAGES` / `BATCH_BYTES`): the script's fixed cost (the Lua call,
-    /// the epoch, the dedupe key, the TTLs) is paid once per batch, which is what lets
-    /// one Redis keep up with a busy channel (bench: ~23 µs of Redis per message alone,
-    /// ~9 µs in batches of 16).
+    /// With history, consecutive waiting publishes of any channels go in one script
+    /// call (up to `BATCH_MESSAGES` / `BATCH_BYTES`), grouped by runs of one channel:
+    /// the Lua call and the round trip are paid once per call, the meta hash and TTLs
+    /// once per channel run (numbers: README, Performance).
     pub fn send_next(&mut self) -> Option<redis::Cmd> {
         if self.inflight.len() >= self.max_msgs || !self.can_send() {
             return None;
@@ -313,25 +313,34 @@ impl Outbox {
                 .arg(&first.body[..])
                 .clone();
             self.launch(first);
-            self.expect.push_back(Expect::Publish(1));
+            self.expect.push_back(Expect::Publish(vec![1]));
             return Some(cmd);
         };
+        // Consecutive waiting publishes, of any channels (on one Redis every key may
+        // share a call), grouped by runs of one channel: each channel's stay in order.
         let mut batch = vec![first];
         let mut bytes = batch[0].body.len();
         while let Some(next) = self.waiting.front() {
             if batch.len() >= BATCH_MESSAGES
                 || bytes + next.body.len() > BATCH_BYTES
                 || self.inflight.len() + batch.len() >= self.max_msgs
-                || next.channel != batch[0].channel
             {
                 break;
             }
             bytes += next.body.len();
             batch.extend(self.waiting.pop_front());
         }
-        let items: Vec<(u64, &[u8])> = batch.iter().map(|m| (m.seq, &m.body[..])).collect();
-        let cmd = h.publish(sha, &batch[0].channel, self.seq, &items);
-        self.expect.push_back(Expect::Publish(batch.len()));
+        let mut groups: Vec<history::ChannelGroup<'_>> = Vec::new();
+        for m in &batch {
+            match groups.last_mut() {
+                Some((ch, items)) if *ch == &*m.channel => items.push((m.seq, &m.body[..])),
+                _ => groups.push((&m.channel, vec![(m.seq, &m.body[..])])),
+            }
+        }
+        let sizes: Vec<usize> = groups.iter().map(|g| g.1.len()).collect();
+        let cmd = h.publish_channels(sha, self.seq, &groups);
+        drop(groups);
+        self.expect.push_back(Expect::Publish(sizes));
         for m in batch {
             self.launch(m);
         }
@@ -358,36 +367,52 @@ impl Outbox {
             }
         }
         match self.expect.pop_front() {
-            Some(Expect::Publish(n)) => {
-                let reply = match v {
-                    Value::Int(_) if self.history.is_none() => Reply::Published { flags: 0 },
+            Some(Expect::Publish(sizes)) => {
+                // Per channel of the call: its outcome.
+                let results: Vec<history::ChannelResult> = match v {
+                    Value::Int(_) if self.history.is_none() => {
+                        vec![history::ChannelResult::Published { flags: 0 }]
+                    }
                     Value::ServerError(e) => {
-                        Reply::Refused(Refused::of(e.code()), format!("{e:?}"))
+                        let text = format!("{} {}", e.code(), e.details().unwrap_or(""));
+                        vec![history::ChannelResult::Refused(text); sizes.len()]
                     }
                     other => match history::parse_published(&other) {
-                        Some((_, flags)) if self.history.is_some() => Reply::Published { flags },
+                        Some(r) if self.history.is_some() && r.len() == sizes.len() => r,
                         _ => return Err(format!("unexpected PUBLISH reply {other:?}").into()),
                     },
                 };
-                let ok = matches!(reply, Reply::Published { .. });
-                for _ in 0..n {
-                    if let Some(out) = self.inflight.pop_front() {
-                        self.bytes -= out.body.len();
-                        if ok {
-                            self.published += 1;
+                let mut flags = 0u8;
+                let mut refused: Option<(Refused, String)> = None;
+                for (size, result) in sizes.iter().zip(results) {
+                    let ok = matches!(result, history::ChannelResult::Published { .. });
+                    for _ in 0..*size {
+                        if let Some(out) = self.inflight.pop_front() {
+                            self.bytes -= out.body.len();
+                            if ok {
+                                self.published += 1;
+                            }
+                        }
+                    }
+                    match result {
+                        history::ChannelResult::Published { flags: f } => {
+                            self.not_now = None;
+                            self.corrupt_dedupe += u64::from(f & 1);
+                            self.corrupt_meta += u64::from(f >> 1 & 1);
+                            flags |= f;
+                        }
+                        history::ChannelResult::Refused(text) => {
+                            let code = text.split_whitespace().next().unwrap_or("");
+                            let reason = Refused::of(code);
+                            self.refused[reason as usize] += *size as u64;
+                            refused.get_or_insert((reason, text));
                         }
                     }
                 }
-                match &reply {
-                    Reply::Published { flags } => {
-                        self.not_now = None;
-                        self.corrupt_dedupe += u64::from(flags & 1);
-                        self.corrupt_meta += u64::from(flags >> 1 & 1);
-                    }
-                    Reply::Refused(r, _) => self.refused[*r as usize] += n as u64,
-                    _ => {}
-                }
-                Ok(reply)
+                Ok(match refused {
+                    Some((r, text)) => Reply::Refused(r, text),
+                    None => Reply::Published { flags },
+                })
             }
             Some(Expect::Ping) => match v {
                 Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => Ok(Reply::Pong),
@@ -592,46 +617,64 @@ mod tests {
         o
     }
 
+    fn group(top: i64, flags: i64) -> Value {
+        Value::Array(vec![Value::Int(top), Value::Int(flags)])
+    }
+
+    fn refused_group(text: &str) -> Value {
+        Value::Array(vec![
+            Value::Int(-1),
+            Value::BulkString(text.as_bytes().to_vec()),
+        ])
+    }
+
     #[test]
-    fn a_channels_consecutive_publishes_go_in_one_script_call() {
+    fn consecutive_publishes_of_any_channels_go_in_one_script_call() {
         let mut o = with_scripts();
         for (ch, b) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "4"), ("a", "5")] {
             o.push(ch.into(), body(b));
         }
         let s = sent(&mut o);
-        assert_eq!(s.len(), 3, "a×3, b, a: {s:?}");
+        assert_eq!(s.len(), 1, "one call: {s:?}");
         assert!(s[0].contains("EVALSHA") && s[0].contains("sha1"));
-        assert!(s[0].contains("\r\n$1\r\n3\r\n"), "n = 3: {}", s[0]);
-        // One reply acknowledges the whole batch.
-        let ok = Value::Array(vec![Value::Int(3), Value::Int(0)]);
+        assert!(
+            s[0].contains("\r\n$1\r\n6\r\n$5\r\n{a}:m"),
+            "3 channel groups, 6 keys: {}",
+            s[0]
+        );
+        // One reply acknowledges the whole call, one result per channel group.
+        let ok = Value::Array(vec![group(3, 0), group(1, 0), group(4, 0)]);
         assert_eq!(o.on_reply(ok), Ok(Reply::Published { flags: 0 }));
-        assert_eq!((o.len(), o.published), (2, 3));
+        assert_eq!((o.len(), o.published), (0, 5));
         // Lost with the link: re-sent in order, with their own sequence numbers.
+        o.push("c".into(), body("6"));
+        o.push("d".into(), body("7"));
+        assert_eq!(sent(&mut o).len(), 1);
         o.on_down();
         let mut o2 = o;
         o2.on_up();
         o2.on_reply(Value::BulkString(b"s".to_vec())).expect("load");
         o2.on_reply(Value::BulkString(b"r".to_vec())).expect("load");
         let s = sent(&mut o2);
-        assert_eq!(s.len(), 2);
+        assert_eq!(s.len(), 1);
         assert!(
-            s[0].contains("$1\r\n4\r\n$1\r\n4\r\n"),
-            "seq 4, body 4: {}",
+            s[0].contains("$1\r\n6\r\n$1\r\n6\r\n") && s[0].contains("$1\r\n7\r\n$1\r\n7\r\n"),
+            "seq 6, body 6; seq 7, body 7: {}",
             s[0]
         );
         let refused = redis::parse_redis_value(b"-NOSCRIPT gone\r\n").expect("error");
         assert!(o2.on_reply(refused).is_err(), "NOSCRIPT ends the link");
     }
 
-    /// "Not now" ends the link and costs no send; a verdict drops that publish only,
-    /// counted by reason; flags count corrupt keys.
+    /// "Not now" ends the link and costs no send; a verdict drops that channel's
+    /// publishes only, counted by reason; flags count corrupt keys.
     #[test]
     fn refusals_are_link_conditions_or_verdicts() {
         for code in NOT_NOW {
             let mut o = with_scripts();
             o.push("a".into(), body("1"));
             o.push("b".into(), body("2"));
-            assert_eq!(sent(&mut o).len(), 2);
+            assert_eq!(sent(&mut o).len(), 1);
             let e = redis::parse_redis_value(format!("-{code} no\r\n").as_bytes()).expect("err");
             let down = o.on_reply(e).expect_err("ends the link");
             assert_eq!(down.code.as_deref(), Some(*code));
@@ -642,7 +685,7 @@ mod tests {
                 o.on_up();
                 o.on_reply(Value::BulkString(b"s".to_vec())).expect("load");
                 o.on_reply(Value::BulkString(b"r".to_vec())).expect("load");
-                assert_eq!(sent(&mut o).len(), 2, "both sent again, in order");
+                assert_eq!(sent(&mut o).len(), 1, "both sent again, in order");
                 let e =
                     redis::parse_redis_value(format!("-{code} no\r\n").as_bytes()).expect("err");
                 assert!(o.on_reply(e).is_err());
@@ -653,20 +696,30 @@ mod tests {
         for ch in ["a", "b", "c", "d"] {
             o.push(ch.into(), body("x"));
         }
-        assert_eq!(sent(&mut o).len(), 4);
-        for (code, r) in [
-            ("WRONGTYPE", Refused::WrongType),
-            ("NOPERM", Refused::NoPerm),
-            ("ERR", Refused::Other),
-        ] {
-            let e = redis::parse_redis_value(format!("-{code} no\r\n").as_bytes()).expect("err");
-            assert!(matches!(o.on_reply(e), Ok(Reply::Refused(got, _)) if got == r));
-        }
-        let ok = Value::Array(vec![Value::Int(9), Value::Int(3)]);
-        assert_eq!(o.on_reply(ok), Ok(Reply::Published { flags: 3 }));
+        assert_eq!(sent(&mut o).len(), 1);
+        let reply = Value::Array(vec![
+            refused_group("WRONGTYPE no"),
+            refused_group("NOPERM no"),
+            refused_group("ERR no"),
+            group(9, 3),
+        ]);
+        assert!(matches!(
+            o.on_reply(reply),
+            Ok(Reply::Refused(Refused::WrongType, _))
+        ));
         assert_eq!(o.refused, [1, 1, 0, 1]);
         assert_eq!((o.corrupt_dedupe, o.corrupt_meta, o.published), (1, 1, 1));
         assert!(o.is_empty() && o.not_now.is_none());
+        // A script error for the whole call refuses every channel of it.
+        o.push("a".into(), body("y"));
+        o.push("b".into(), body("z"));
+        assert_eq!(sent(&mut o).len(), 1);
+        let e = redis::parse_redis_value(b"-ERR script broke\r\n").expect("err");
+        assert!(matches!(
+            o.on_reply(e),
+            Ok(Reply::Refused(Refused::Other, _))
+        ));
+        assert_eq!((o.refused[3], o.len()), (3, 0));
     }
 
     #[test]
