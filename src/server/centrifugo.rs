@@ -44,6 +44,10 @@ pub(super) struct Session {
     /// (3005, the SDK reconnects with a fresh token). Checked by the keepalive sweep.
     pub(super) expires: Option<u64>,
     setting_up: HashMap<Box<str>, SetUp>,
+    /// Per channel just set up: the last offset its reply covered. The history read
+    /// may have run ahead of this instance's live delivery, so live pushes up to it
+    /// still arrive: they are dropped (cleared by the first push past it).
+    covered: HashMap<Box<str>, u64>,
 }
 
 /// What a history ask is for.
@@ -167,6 +171,7 @@ impl Server {
             Command::Unsubscribe { channel } => {
                 if let Some(s) = self.sessions.get_mut(&id.0) {
                     s.done_setting_up(&channel);
+                    s.covered.remove(channel.as_str());
                 }
                 if let Some(i) = self.hub.leave(id, &channel) {
                     self.bus.interest(i);
@@ -568,6 +573,9 @@ impl Server {
             }
         };
         self.reply(id, reply);
+        if let Some(s) = self.sessions.get_mut(&id.0) {
+            s.covered.insert(channel.into(), covered);
+        }
         for (offset, frame) in set.held {
             if offset.is_none_or(|o| o > covered) {
                 self.queue(id, frame);
@@ -582,6 +590,8 @@ pub(super) enum Hold {
     /// Not setting up that channel: deliver it.
     No,
     Held,
+    /// Already in the subscribe reply (the read ran ahead of live delivery): dropped.
+    Covered,
     /// Held pushes went over the output cap: the connection is a slow consumer.
     Over,
 }
@@ -597,7 +607,8 @@ impl Session {
         set
     }
 
-    /// Holds a push for `channel` while its subscription is set up.
+    /// Holds a push for `channel` while its subscription is set up; drops one its
+    /// subscribe reply already carried.
     pub(super) fn hold(
         &mut self,
         channel: &str,
@@ -606,6 +617,15 @@ impl Session {
         max: usize,
     ) -> Hold {
         let Some(set) = self.setting_up.get_mut(channel) else {
+            if let (Some(w), Some(o)) = (self.covered.get(channel), offset) {
+                if o <= *w {
+                    return Hold::Covered;
+                }
+                self.covered.remove(channel);
+                if self.covered.is_empty() {
+                    self.covered = HashMap::new();
+                }
+            }
             return Hold::No;
         };
         set.held_bytes += frame.len();

@@ -119,7 +119,7 @@ impl Server {
                         .get_mut(&m.0)
                         .map(|s| s.hold(channel, offset, &frame, max))
                     {
-                        Some(Hold::Held) => continue,
+                        Some(Hold::Held | Hold::Covered) => continue,
                         Some(Hold::Over) => {
                             self.slow.push(m);
                             continue;
