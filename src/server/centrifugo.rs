@@ -245,17 +245,7 @@ impl Server {
         since: Option<StreamPosition>,
         limit: usize,
     ) {
-        let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
-        let ask = self.next_ask();
-        self.asks.insert(
-            ask,
-            Ask::History {
-                conn: id,
-                serial,
-                cmd_id,
-                stage,
-            },
-        );
+        let ask = self.history_ask(id, cmd_id, stage);
         self.bus.history(ask, channel, since, limit);
     }
 
@@ -271,20 +261,27 @@ impl Server {
         limit: usize,
         skip_trimmed: bool,
     ) {
+        let ask = self.history_ask(id, cmd_id, stage);
+        // A reverse window may hold up to `limit` more below the first wanted offset.
+        self.bus
+            .history_window(ask, channel, after, limit * 2 + 1, skip_trimmed);
+    }
+
+    /// Registers a `history` command's ask (answered in `on_history`).
+    fn history_ask(&mut self, id: ConnId, cmd_id: u32, stage: Stage) -> u64 {
         let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
         let ask = self.next_ask();
+        let conn = id;
         self.asks.insert(
             ask,
             Ask::History {
-                conn: id,
+                conn,
                 serial,
                 cmd_id,
                 stage,
             },
         );
-        // A reverse window may hold up to `limit` more below the first wanted offset.
-        self.bus
-            .history_window(ask, channel, after, limit * 2 + 1, skip_trimmed);
+        ask
     }
 
     fn next_ask(&mut self) -> u64 {

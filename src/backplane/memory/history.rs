@@ -144,26 +144,7 @@ impl MemHistory {
         if self.size == 0 {
             return 0;
         }
-        if !self.chans.contains_key(channel) {
-            self.made += 1;
-            let cost = alloc_cost(channel.len()) + ring_cost(1);
-            self.bytes += cost;
-            if self.chans.len() >= self.max_chans {
-                self.evict(channel); // never grow the table (see `new`)
-            }
-            self.chans.insert(
-                channel.into(),
-                Hist {
-                    epoch: self.made,
-                    top: 0,
-                    // One slot at first: a channel with one message is the common case
-                    // (the default would be four).
-                    entries: VecDeque::with_capacity(1),
-                    bytes: cost,
-                    last_at: now,
-                },
-            );
-        }
+        self.ensure_channel(channel, now);
         let Some(h) = self.chans.get_mut(channel) else {
             return 0;
         };
@@ -287,25 +268,34 @@ impl MemHistory {
         if self.size == 0 {
             return None;
         }
-        if !self.chans.contains_key(channel) {
-            if self.chans.len() >= self.max_chans {
-                self.evict(channel);
-            }
-            self.made += 1;
-            let cost = alloc_cost(channel.len()) + ring_cost(1);
-            self.bytes += cost;
-            self.chans.insert(
-                channel.into(),
-                Hist {
-                    epoch: self.made,
-                    top: 0,
-                    entries: VecDeque::with_capacity(1),
-                    bytes: cost,
-                    last_at: now,
-                },
-            );
-        }
+        self.ensure_channel(channel, now);
         self.position(channel)
+    }
+
+    /// A channel's history, begun (a new epoch, offset 0) if it has none. The table
+    /// never grows (see `new`): full, the stalest channels go first.
+    fn ensure_channel(&mut self, channel: &str, now: Instant) {
+        if self.chans.contains_key(channel) {
+            return;
+        }
+        if self.chans.len() >= self.max_chans {
+            self.evict(channel);
+        }
+        self.made += 1;
+        let cost = alloc_cost(channel.len()) + ring_cost(1);
+        self.bytes += cost;
+        self.chans.insert(
+            channel.into(),
+            Hist {
+                epoch: self.made,
+                top: 0,
+                // One slot at first: a channel with one message is the common case
+                // (the default would be four).
+                entries: VecDeque::with_capacity(1),
+                bytes: cost,
+                last_at: now,
+            },
+        );
     }
 
     /// The channel's current position (epoch and top offset), `None` without history.

@@ -501,29 +501,48 @@ impl Positions {
         let Some(c) = self.chans.get_mut(channel) else {
             return;
         };
-        if let Known::At(p) = &c.known {
-            let old = p.epoch.clone();
-            let held = c.hold.len() as u64 + u64::from(c.behind.is_some());
-            self.stats.missed += held;
-            self.hold_bytes -= c
-                .hold
-                .values()
-                .map(|h| h.body.len() + HELD_OVERHEAD)
-                .sum::<usize>();
-            c.hold.clear();
-            c.behind = None;
-            self.stats.resets += 1;
-            self.gaps.push(channel.to_string());
-            self.resets.push(Reset {
-                channel: channel.to_string(),
-                old,
-                new: None,
-            });
+        if matches!(c.known, Known::At(_)) {
+            self.begin_again(channel, None);
         }
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
         c.known = Known::Empty;
         let dropped = drop_settled_claims(c, n, |_| false);
         self.stats.unconfirmed += dropped.0;
         self.hold_bytes -= dropped.1;
+    }
+
+    /// The history a position was in is gone (`new`: `None`) or another one began:
+    /// what was held of the old one is missed, counted and logged as a reset, and the
+    /// position starts over (the new epoch from offset 0, or no history at all).
+    fn begin_again(&mut self, channel: &str, new: Option<Epoch>) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        let Known::At(p) = &c.known else {
+            return;
+        };
+        let old = p.epoch.clone();
+        self.stats.missed += c.hold.len() as u64 + u64::from(c.behind.is_some());
+        self.hold_bytes -= c
+            .hold
+            .values()
+            .map(|h| h.body.len() + HELD_OVERHEAD)
+            .sum::<usize>();
+        c.hold.clear();
+        c.behind = None;
+        c.known = match &new {
+            Some(e) => Known::At(StreamPosition::new(e.clone(), 0)),
+            None => Known::Empty,
+        };
+        self.stats.resets += 1;
+        self.gaps.push(channel.to_string());
+        self.resets.push(Reset {
+            channel: channel.to_string(),
+            old,
+            new,
+        });
     }
 
     /// A read found history. Returns whether the channel is caught up with the top the
@@ -544,26 +563,8 @@ impl Positions {
                 self.start_position(channel, n, s, was_admitted, out);
                 return true;
             }
-            Known::At(p) if p.epoch != s.epoch => {
-                // Redis holds another epoch: confirmed, a reset.
-                let old = p.epoch.clone();
-                self.stats.missed += c.hold.len() as u64 + u64::from(c.behind.is_some());
-                self.hold_bytes -= c
-                    .hold
-                    .values()
-                    .map(|h| h.body.len() + HELD_OVERHEAD)
-                    .sum::<usize>();
-                c.hold.clear();
-                c.behind = None;
-                c.known = Known::At(StreamPosition::new(s.epoch.clone(), 0));
-                self.stats.resets += 1;
-                self.gaps.push(channel.to_string());
-                self.resets.push(Reset {
-                    channel: channel.to_string(),
-                    old,
-                    new: Some(s.epoch.clone()),
-                });
-            }
+            // Redis holds another epoch: confirmed, a reset.
+            Known::At(p) if p.epoch != s.epoch => self.begin_again(channel, Some(s.epoch.clone())),
             Known::At(_) => {}
             Known::Empty => c.known = Known::At(StreamPosition::new(s.epoch.clone(), 0)),
         }
