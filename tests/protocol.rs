@@ -808,3 +808,40 @@ fn history_lists_from_the_start_the_newest_and_around_a_position() {
         }
     }
 }
+
+/// `history` commands waiting for a Redis that does not answer are bounded per client
+/// (8; the rest get 106 at once), and are answered once Redis is back.
+#[test]
+fn history_commands_waiting_for_redis_are_bounded() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str()];
+    args.extend_from_slice(FAST_FAILOVER);
+    let a = Wsfan::start(&args);
+    eventually(10.0, "instance ready", || a.status("/readyz") == 200);
+    let mut c = connect(&a.url("/connection/websocket"));
+    c.send(Message::text(r#"{"id":1,"connect":{}}"#))
+        .expect("send");
+    recv_text(&mut c);
+    redis.signal("STOP");
+    let many: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                r#"{{"id":{},"history":{{"channel":"h","limit":0}}}}"#,
+                i + 2
+            )
+        })
+        .collect();
+    c.send(Message::text(many.join("\n"))).expect("send");
+    let mut limited = 0;
+    while limited < 2 {
+        let r: serde_json::Value = serde_json::from_str(&recv_text(&mut c)).expect("reply");
+        assert_eq!(r["error"]["code"], 106, "{r}");
+        limited += 1;
+    }
+    redis.signal("CONT");
+    for _ in 0..8 {
+        let r: serde_json::Value = serde_json::from_str(&recv_text(&mut c)).expect("reply");
+        assert!(r["history"].is_object(), "{r}");
+    }
+}

@@ -48,7 +48,13 @@ pub(super) struct Session {
     /// may have run ahead of this instance's live delivery, so live pushes up to it
     /// still arrive: they are dropped (cleared by the first push past it).
     covered: HashMap<Box<str>, u64>,
+    /// History reads asked for this client's `history` commands and not yet answered
+    /// (at most `MAX_HISTORY_ASKS`: while Redis is slow or away, asks would pile up).
+    history_asks: u8,
 }
+
+/// `history` commands one client may have waiting for the backplane (error 106 beyond).
+const MAX_HISTORY_ASKS: u8 = 8;
 
 /// What a history ask is for.
 #[derive(Debug)]
@@ -198,6 +204,10 @@ impl Server {
                 if let Err(code) = self.allowed(id, &channel) {
                     return self.reply(id, proto::error_reply(cmd_id, code));
                 }
+                let waiting = self.sessions.get(&id.0).map_or(0, |s| s.history_asks);
+                if waiting >= MAX_HISTORY_ASKS {
+                    return self.reply(id, proto::error_reply(cmd_id, ErrorCode::LimitExceeded));
+                }
                 if limit < 0 || limit as usize > self.cfg.history_size.max(1) {
                     return self.reply(id, proto::error_reply(cmd_id, ErrorCode::BadRequest));
                 }
@@ -269,6 +279,9 @@ impl Server {
 
     /// Registers a `history` command's ask (answered in `on_history`).
     fn history_ask(&mut self, id: ConnId, cmd_id: u32, stage: Stage) -> u64 {
+        if let Some(s) = self.sessions.get_mut(&id.0) {
+            s.history_asks += 1;
+        }
         let serial = self.conns.get(id.0).map_or(0, |c| c.serial);
         let ask = self.next_ask();
         let conn = id;
@@ -450,6 +463,9 @@ impl Server {
             }) => {
                 if self.conns.get(conn.0).is_none_or(|c| c.serial != serial) {
                     return;
+                }
+                if let Some(s) = self.sessions.get_mut(&conn.0) {
+                    s.history_asks = s.history_asks.saturating_sub(1);
                 }
                 match (stage, answer) {
                     (_, Recovery::Failed) => {
