@@ -102,7 +102,7 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, connections: usize, channels: usize, bus: &BusStats) -> String {
-        let plain: [(&str, &str, &str, u64); 31] = [
+        let plain: [(&str, &str, &str, u64); 33] = [
             (
                 "wsfan_connections",
                 "gauge",
@@ -204,6 +204,18 @@ impl Metrics {
                 "counter",
                 "Channels whose history began again with a new epoch (Redis lost it).",
                 bus.history.resets,
+            ),
+            (
+                "wsfan_history_forks_total",
+                "counter",
+                "Channels whose history forked: another Redis took over (a promoted replica, a restart) and delivery went on in a new epoch.",
+                bus.history.forks,
+            ),
+            (
+                "wsfan_history_fork_lost_total",
+                "counter",
+                "Messages delivered here past a fork: the old Redis's tail, not in the new one's history.",
+                bus.history.fork_lost,
             ),
             (
                 "wsfan_history_repaired_total",

@@ -42,6 +42,7 @@ pub fn history(n: usize, gap: usize) {
         instance: "bench".into(),
         max_entry: 65_538,
         key: None,
+        node: String::new(),
     };
     let scripted = pipelined(&mut conn, n, &|k| {
         h.publish(&sha, "bench", 1 << 50, &[(k as u64 + 1, &body[..])])
@@ -70,6 +71,7 @@ pub fn history(n: usize, gap: usize) {
     // With --history-key: two sha1hex per message in the script.
     let keyed_h = history::History {
         key: wsfan::envelope::HistoryKey::new(b"a shared secret of 32 bytes....."),
+        node: String::new(),
         instance: "bench-keyed".into(),
         ..h.clone()
     };

@@ -54,6 +54,7 @@ fn publish(redis: &common::Redis, channel: &str, n: usize) {
         instance: format!("bench{}", std::process::id()),
         max_entry: 65_538,
         key: None,
+        node: String::new(),
     };
     let body = format!("{{\"m\":\"{}\"}}", "x".repeat(54));
     let mut done = 0;

@@ -133,6 +133,12 @@ pub struct HistoryStats {
     pub corrupt_meta: u64,
     /// With `--history-key`: positioned envelopes without a valid tag, never delivered.
     pub forged: u64,
+    /// Channels whose history forked: another Redis took over that may lack the old
+    /// one's tail (a promoted replica, a restart); delivery went on in the new epoch.
+    pub forks: u64,
+    /// Messages this instance delivered from a tail the new Redis does not have: what
+    /// the old one took with it, as far as this instance saw.
+    pub fork_lost: u64,
 }
 
 /// What the loop needs from a backplane. Every method returns at once: no blocking

@@ -190,7 +190,7 @@ pub const FLAGS: &[Flag] = &[
         name: "redis",
         hint: "URL",
         default: Dflt::Unset("standalone"),
-        help: "redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]",
+        help: "redis://[user:pass@]host[:port][/db], unix:///path[?db=N], or redis+sentinel://[user:pass@]h1[:port],h2…/MASTER[/db]",
         set: |c, n, v| {
             let target = crate::backplane::redis::target::Target::parse(v)
                 .map_err(|e| invalid(n, &format!("{e}, got {:?}", redact_url(v))))?;

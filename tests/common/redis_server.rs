@@ -131,3 +131,64 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A private Redis Sentinel on a free port watching `master` at `master_port`, quick to
+/// decide (down after 1 s); killed on drop, its config file removed.
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    conf: std::path::PathBuf,
+}
+
+impl Sentinel {
+    pub fn start(master: &str, master_port: u16, quorum: u32) -> Sentinel {
+        let port = free_port();
+        let conf =
+            std::env::temp_dir().join(format!("wsfan-sentinel-{}-{port}.conf", std::process::id()));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\n\
+                 sentinel monitor {master} 127.0.0.1 {master_port} {quorum}\n\
+                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel failover-timeout {master} 4000\n\
+                 sentinel parallel-syncs {master} 1\n"
+            ),
+        )
+        .expect("sentinel config");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see README)");
+        let s = Sentinel { child, port, conf };
+        eventually(10.0, "sentinel answers PING", || {
+            redis::Client::open(s.url())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()
+        });
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}

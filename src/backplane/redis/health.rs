@@ -195,6 +195,22 @@ impl Health {
         (was_up, wait)
     }
 
+    /// Not connected, and nothing to connect to yet: the next attempt waits until `at`
+    /// (no failure counted).
+    pub fn wait_until(&mut self, at: Instant) {
+        self.phase = Phase::Down;
+        self.deadline = None;
+        self.retry_at = at;
+    }
+
+    /// The next attempt is due now (a new address to try: no backoff to wait out).
+    /// A link that is not down is left alone.
+    pub fn retry_now(&mut self, now: Instant) {
+        if self.phase == Phase::Down {
+            self.retry_at = now;
+        }
+    }
+
     /// Failed attempts since the link last proved healthy.
     pub fn failures(&self) -> u32 {
         self.failures

@@ -6,19 +6,23 @@
 //!
 //! | key      | type   | holds                                                          |
 //! |----------|--------|----------------------------------------------------------------|
-//! | `{C}:m`  | hash   | `e` the epoch, `s` the top offset, `p:<inst>` = `<seq>:<time>` |
+//! | `{C}:m`  | hash   | `e` the epoch, `s` the top offset, `x` the last TTL refresh    |
+//! |          |        | (Redis `TIME`, s), `p:<inst>` = `<seq>:<time>` per instance      |
 //! | `{C}:s`  | stream | entry id `<offset>-0`, field `d` = the payload                 |
 //!
-//! Both expire after `--history-ttl` seconds without a publish *by any instance*. The
-//! stream keeps at least `--history-size` entries and at most one stream node (100
-//! entries by default) more: `MAXLEN ~` trims whole nodes, which costs Redis 19 µs per
-//! publish where an exact trim costs 27 µs (`INFO commandstats`, 10,000-entry streams).
+//! Both are kept at least `--history-ttl` seconds after the last publish *by any
+//! instance*, and at most one and a half times that: a publish refreshes both TTLs (to
+//! 1.5 × ttl) only when the last refresh (`x`, by Redis's clock) is half a TTL old, so
+//! a busy channel pays for two `EXPIRE`s once per half TTL, not per call. The stream
+//! keeps at least `--history-size` entries and at most one stream node (100 entries by
+//! default) plus `TRIM_EVERY` more: `XTRIM MAXLEN ~` trims whole nodes, and runs when
+//! the top crosses a multiple of `TRIM_EVERY`, not per append.
 //!
 //! The publish script is one atomic step: drop a re-sent publish already applied
 //! (`p:<inst>` = the last sequence number this instance got applied, so a publish sent
 //! again after a lost reply is not stored and delivered twice; it lives in the meta
 //! hash, so it lasts as long as the channel's history, whoever keeps that alive), append,
-//! trim, refresh the TTL and PUBLISH the payload with its position in front
+//! trim and refresh the TTLs when due, and PUBLISH the payload with its position in front
 //! (`envelope::split_position`). Everything in the keys is input that may be wrong (a
 //! neighbour app, an operator, a tamperer), so the script checks it first:
 //! * a dedupe value beyond anything this instance ever sent is corrupt: ignored,
@@ -48,23 +52,28 @@ use bytes::Bytes;
 use redis::Value;
 
 /// KEYS: meta and stream of each channel of the call, in pairs. ARGV: size, ttl,
-/// instance, the highest sequence number this instance ever gave out, the instance's
-/// clock (Unix seconds: when its dedupe field was last used, for pruning; Redis's `TIME`
-/// would cost every call), the `--history-key` pads `ikey` and `okey` (empty: no key;
-/// see `envelope`), then for each channel: its name, n, and n pairs of sequence number
-/// and payload (that channel's publishes, in order).
+/// instance, the highest sequence number this instance ever gave out, the
+/// `--history-key` pads `ikey` and `okey` (empty: no key; see `envelope`), the
+/// replication id of the Redis the call goes to (`node`; empty: unknown, no fork
+/// detection), then for each channel: its name, n, and n pairs of sequence number and
+/// payload (that channel's publishes, in order).
 ///
 /// One call carries the publishes of several channels (`Outbox::send_next`): the Lua
-/// call and the round trip are paid once for all of them; per channel it reads the meta
-/// hash, appends and publishes each message, and writes the meta hash and two TTLs.
+/// call, the round trip and one `TIME` are paid once for all of them. Per channel:
+/// `HMGET` and `HSET` of the meta hash; per message: `XADD` and `PUBLISH`; amortised:
+/// `XTRIM` once per `TRIM_EVERY` offsets, two `EXPIRE`s once per half TTL (module doc).
 /// Returns, per channel, `{top, flags}` (top 0: all were re-sends already applied;
-/// flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began again) or
+/// flags: 1 = corrupt dedupe value, 2 = corrupt meta, history began again, 4 = forked
+/// on another Redis, see the module doc) or
 /// `{-1, error}` when Redis refused that channel for good (a key of the wrong type):
 /// the other channels go on. A refusal that is a link condition (`READONLY`, `OOM`, …)
 /// refuses the whole call (it comes at the first write, before anything is written).
 pub const PUBLISH_SCRIPT: &str = r#"
-local size, ttl, field = ARGV[1], ARGV[2], 'p:' .. ARGV[3]
-local maxseq, now, ikey, okey = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local size, ttl, field = ARGV[1], tonumber(ARGV[2]), 'p:' .. ARGV[3]
+local maxseq, ikey, okey, node = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local half = math.floor(ttl / 2)
+local expiry = ttl + half
+local now = tonumber(redis.call('TIME')[1])
 local function refused(err)
   local code = string.match(err, '^(%u+)') or ''
   if code == 'READONLY' or code == 'OOM' or code == 'LOADING' or code == 'BUSY'
@@ -75,7 +84,7 @@ local function refused(err)
   return {-1, err}
 end
 local function group(meta, stream, channel, n, base)
-  local m = redis.pcall('HMGET', meta, 'e', 's', field)
+  local m = redis.pcall('HMGET', meta, 'e', 's', field, 'x', 'g')
   if m.err then return refused(m.err) end
   local flags = 0
   local seen = 0
@@ -83,32 +92,46 @@ local function group(meta, stream, channel, n, base)
     seen = tonumber(string.match(m[3], '^(%d+):'))
     if not seen or seen > maxseq then seen = 0; flags = 1 end
   end
-  local fresh = 0
-  for i = 1, n do
-    if tonumber(ARGV[base + 2 * i - 2]) > seen then fresh = fresh + 1 end
-  end
-  if fresh == 0 then return {0, flags} end
+  -- A channel's sequence numbers rise through the call: none is new if the last is not.
+  if tonumber(ARGV[base + 2 * n - 2]) <= seen then return {0, flags} end
   local epoch, top = m[1], tonumber(m[2] or '0')
+  local x = tonumber(m[4] or '')
+  local renew = node ~= '' and m[5] ~= node
+  local fork = nil
   if not epoch or #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$')
-     or not top or top < 0 or top ~= math.floor(top) or top > 9007199254740000 then
+     or not top or top < 0 or top ~= math.floor(top) or top > MAX_OFFSET - n then
     if epoch or m[2] then flags = flags + 2 end
     local t = redis.call('TIME')
     epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
     local d = redis.pcall('DEL', meta, stream)
     if type(d) == 'table' and d.err then return refused(d.err) end
     top = 0
+    renew = true
+  elseif node ~= '' and m[5] and m[5] ~= node then
+    -- Another Redis wrote this history last (a promoted replica, or a restart): it may
+    -- lack the old one's tail, whose offsets must not be given out again as if they
+    -- were the same messages. A new epoch forks off at the top: readers that were in
+    -- the old one go on from here (the read script says where it forked).
+    fork = {epoch, top}
+    local t = redis.call('TIME')
+    epoch = string.format('%08x%05x', tonumber(t[1]), tonumber(t[2]))
+    flags = bit.bor(flags, 4)
+    renew = true
   end
   local off = top
-  local last = seen
+  local last
   local first = true
   for i = 1, n do
-    local seq = tonumber(ARGV[base + 2 * i - 2])
-    if seq > seen then
+    local seq = ARGV[base + 2 * i - 2]
+    if tonumber(seq) > seen then
       off = off + 1
+      local id = string.format('%d', off)
       local body = ARGV[base + 2 * i - 1]
       if first then
         first = false
-        local r = redis.pcall('XADD', stream, 'MAXLEN', '~', size, off .. '-0', 'd', body)
+        -- NOMKSTREAM: a stream that is gone while its meta hash is not gets its TTL
+        -- below, whatever the meta hash says about the last refresh.
+        local r = redis.pcall('XADD', stream, 'NOMKSTREAM', id .. '-0', 'd', body)
         if type(r) == 'table' and r.err then
           if not string.find(r.err, 'equal or smaller', 1, true) then
             return refused(r.err)
@@ -116,13 +139,17 @@ local function group(meta, stream, channel, n, base)
           -- The stream is ahead of the top (offsets reused): move past its last entry.
           local tail = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
           off = tonumber(string.match(tail[1][1], '^(%d+)')) + 1
+          id = string.format('%d', off)
           flags = bit.bor(flags, 2)
-          redis.call('XADD', stream, 'MAXLEN', '~', size, off .. '-0', 'd', body)
+          redis.call('XADD', stream, id .. '-0', 'd', body)
+        elseif not r then
+          renew = true
+          redis.call('XADD', stream, id .. '-0', 'd', body)
         end
       else
-        redis.call('XADD', stream, 'MAXLEN', '~', size, off .. '-0', 'd', body)
+        redis.call('XADD', stream, id .. '-0', 'd', body)
       end
-      local head = off .. ':' .. epoch .. ':'
+      local head = id .. ':' .. epoch .. ':'
       if ikey == '' then
         redis.call('PUBLISH', channel, '\0h' .. head .. body)
       else
@@ -132,18 +159,31 @@ local function group(meta, stream, channel, n, base)
       last = seq
     end
   end
+  if math.floor(top / TRIM_EVERY) ~= math.floor(off / TRIM_EVERY) or renew then
+    redis.call('XTRIM', stream, 'MAXLEN', '~', size)
+  end
   if not m[3] and redis.call('HLEN', meta) > DEDUPE_FIELDS then
     local all = redis.call('HGETALL', meta)
     for i = 1, #all, 2 do
       local at = string.match(all[i + 1], ':(%d+)$')
-      if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + 2 * tonumber(ttl) + 60 < now) then
+      if string.sub(all[i], 1, 2) == 'p:' and (not at or tonumber(at) + 2 * ttl + 60 < now) then
         redis.call('HDEL', meta, all[i])
       end
     end
   end
-  redis.call('HSET', meta, 'e', epoch, 's', off, field, last .. ':' .. now)
-  redis.call('EXPIRE', meta, ttl)
-  redis.call('EXPIRE', stream, ttl)
+  local top_s = string.format('%d', off)
+  if renew or not x or x > now or now - x >= half then
+    redis.call('HSET', meta, 'e', epoch, 's', top_s, field, last .. ':' .. now, 'x', now)
+    if node ~= '' then redis.call('HSET', meta, 'g', node) end
+    if fork then
+      redis.call('HSET', meta, 'pe', fork[1], 'pf', string.format('%d', fork[2]),
+        'b', string.format('%d', fork[2] + 1))
+    end
+    redis.call('EXPIRE', meta, expiry)
+    redis.call('EXPIRE', stream, expiry)
+  else
+    redis.call('HSET', meta, 's', top_s, field, last .. ':' .. now)
+  end
   return {off, flags}
 end
 local out = {}
@@ -163,17 +203,20 @@ pub const DEDUPE_FIELDS: usize = 64;
 
 /// KEYS: meta, stream. ARGV: epoch known, first offset, max entries, max bytes, max
 /// entry bytes, `1` to begin a history (epoch, top 0) when the channel has none (a
-/// client is about to be told its position), the TTL for it. Returns `{epoch or nil, top, next, offset, payload, …}`: no entries for
-/// first offset 0 (a position read), else from the first offset if the epoch matches,
-/// else from the start; at least one entry if any, then as many as fit in max bytes.
+/// client is about to be told its position), the TTL for it. Returns `{epoch or nil,
+/// top, next, fork, offset, payload, …}`: no entries for first offset 0 (a position
+/// read), else from the first offset if the epoch matches; if the caller's epoch is the
+/// one this history forked from (`pe`), from the fork (`pf` + 1) at the latest, and
+/// `fork` is `pf` (else -1); else from the start of this epoch (`b`, or 1); at least
+/// one entry if any, then as many as fit in max bytes.
 /// Entries larger than max entry bytes (not written by wsfan, or by an instance with a
 /// larger `--max-message-size`) are looked past, not returned. `next`: the first offset
 /// not looked at (`top + 1` when the read reached the end).
 pub const READ_SCRIPT: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'e', 's')
+local m = redis.call('HMGET', KEYS[1], 'e', 's', 'pe', 'pf', 'b')
 local epoch, top = m[1], tonumber(m[2] or '0')
 if not epoch then
-  if ARGV[6] ~= '1' then return {false, 0, 0} end
+  if ARGV[6] ~= '1' then return {false, 0, 0, -1} end
   -- A client is told a position now: the history it is in begins here (the publish
   -- script takes this epoch up).
   local t = redis.call('TIME')
@@ -181,17 +224,30 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
   redis.call('EXPIRE', KEYS[1], ARGV[7])
-  return {epoch, 0, 1}
+  return {epoch, 0, 1, -1}
 end
 if #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$') or not top or top < 0
-   or top ~= math.floor(top) or top > 9007199254740000 then
+   or top ~= math.floor(top) or top > MAX_OFFSET then
   return redis.error_reply('BADMETA the history meta hash of this channel is corrupt')
 end
 local from = tonumber(ARGV[2])
-if from == 0 then return {epoch, top, top + 1} end
-if epoch ~= ARGV[1] then from = 1 end
+if from == 0 then return {epoch, top, top + 1, -1} end
+local fork = -1
+if epoch ~= ARGV[1] then
+  local pf, b = tonumber(m[4] or ''), tonumber(m[5] or '')
+  if m[3] == ARGV[1] and pf and pf >= 0 and pf <= top and pf == math.floor(pf) then
+    -- The caller's epoch is the one this history forked from at pf: what it had up
+    -- to there is this history's too.
+    fork = pf
+    from = math.min(from, pf + 1)
+  elseif b and b >= 1 and b <= top + 1 and b == math.floor(b) then
+    from = b
+  else
+    from = 1
+  end
+end
 local maxn, budget, maxentry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local out = {epoch, top, top + 1}
+local out = {epoch, top, top + 1, fork}
 local kept, bytes, looked, scanned = 0, 0, 0, 0
 local cursor = from .. '-0'
 local count = 1
@@ -236,9 +292,32 @@ pub const READ_COUNT: usize = 1000;
 /// the publish link's read buffer (`max_bulk` + 128 KiB) with room for RESP framing.
 pub const READ_BYTES: usize = 64 * 1024;
 
+/// The largest offset: Lua prints larger numbers in exponent form (`%.14g`), which no
+/// stream id or envelope may carry. A top beyond it is corrupt (`BADMETA` for a read);
+/// a publish that would pass it starts a new epoch (counted as a reset, as a corrupt
+/// meta hash is). At a million publishes a second on one channel it lasts three years.
+pub const MAX_OFFSET: u64 = 99_999_999_999_999;
+
+/// The publish script trims a stream (`XTRIM MAXLEN ~`) when its top crosses a multiple
+/// of this, not on every append: a stream holds at most `--history-size` + one stream
+/// node (100 entries) + this many entries.
+pub const TRIM_EVERY: u64 = 50;
+
+fn fill(script: &str) -> String {
+    script
+        .replace("DEDUPE_FIELDS", &DEDUPE_FIELDS.to_string())
+        .replace("MAX_OFFSET", &MAX_OFFSET.to_string())
+        .replace("TRIM_EVERY", &TRIM_EVERY.to_string())
+}
+
 /// The publish script with its constants filled in.
 pub fn publish_script() -> String {
-    PUBLISH_SCRIPT.replace("DEDUPE_FIELDS", &DEDUPE_FIELDS.to_string())
+    fill(PUBLISH_SCRIPT)
+}
+
+/// The read script with its constants filled in.
+pub fn read_script() -> String {
+    fill(READ_SCRIPT)
 }
 
 /// What the publish side needs to call the scripts.
@@ -254,6 +333,10 @@ pub struct History {
     pub max_entry: usize,
     /// `--history-key`: positioned envelopes carry a tag only its holders can make.
     pub key: Option<crate::envelope::HistoryKey>,
+    /// The replication id (`INFO replication`'s `master_replid`) of the Redis the
+    /// publish link is on, asked each time it comes up; empty: unknown (no fork
+    /// detection).
+    pub node: String,
 }
 
 /// The SHAs `SCRIPT LOAD` returned, once both are loaded.
@@ -305,12 +388,12 @@ impl History {
         c.arg(self.size)
             .arg(self.ttl)
             .arg(&self.instance)
-            .arg(max_seq)
-            .arg(unix_now());
+            .arg(max_seq);
         match &self.key {
             Some(k) => c.arg(&k.ikey[..]).arg(&k.okey[..]),
             None => c.arg("").arg(""),
         };
+        c.arg(&self.node);
         for (ch, items) in groups {
             c.arg(*ch).arg(items.len());
             for (seq, body) in items {
@@ -352,13 +435,6 @@ impl History {
     }
 }
 
-/// This machine's clock in Unix seconds (0 if it is before 1970).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// One channel's publishes in a script call: the Redis channel and its (sequence
 /// number, payload) pairs, in order.
 pub type ChannelGroup<'a> = (&'a str, Vec<(u64, &'a [u8])>);
@@ -373,6 +449,20 @@ pub enum ChannelResult {
 }
 
 /// Parses the publish script's reply: one result per channel of the call.
+/// The `master_replid` in an `INFO replication` reply: 40 hex digits (Redis gives a
+/// new one on every start and on a replica's promotion). `None` if absent or odd.
+pub fn replication_id(v: &Value) -> Option<String> {
+    let text = match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?,
+        Value::VerbatimString { text, .. } => text.as_str(),
+        _ => return None,
+    };
+    let id = text
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("master_replid:"))?;
+    (id.len() == 40 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
 pub fn parse_published(v: &Value) -> Option<Vec<ChannelResult>> {
     let Value::Array(groups) = v else {
         return None;
@@ -418,6 +508,11 @@ pub fn parse_range(v: Value) -> Result<Range, String> {
     };
     let top = int("top offset")?;
     let next = int("next offset")?;
+    let fork = match it.next() {
+        Some(Value::Int(-1)) => None,
+        Some(Value::Int(f)) if f >= 0 && f as u64 <= top => Some(f as u64),
+        other => return Err(format!("unexpected fork offset {other:?}")),
+    };
     let Some(epoch) = epoch else {
         return Ok(Range::None);
     };
@@ -436,6 +531,7 @@ pub fn parse_range(v: Value) -> Result<Range, String> {
         epoch,
         top,
         next,
+        fork,
         entries,
     }))
 }
@@ -454,6 +550,7 @@ mod tests {
             bulk("ep"),
             Value::Int(9),
             Value::Int(10),
+            Value::Int(-1),
             Value::Int(8),
             bulk("a"),
             Value::Int(9),
@@ -465,7 +562,23 @@ mod tests {
         assert_eq!((r.top, r.next), (9, 10));
         assert_eq!(r.entries.len(), 2);
         assert_eq!(r.entries[1], (9, Bytes::from_static(b"b")));
-        let none = parse_range(Value::Array(vec![Value::Nil, Value::Int(0), Value::Int(0)]));
+        assert_eq!(r.fork, None);
+        let forked = parse_range(Value::Array(vec![
+            bulk("ep"),
+            Value::Int(9),
+            Value::Int(10),
+            Value::Int(4),
+        ]));
+        assert!(matches!(
+            forked,
+            Ok(Range::At(Stream { fork: Some(4), .. }))
+        ));
+        let none = parse_range(Value::Array(vec![
+            Value::Nil,
+            Value::Int(0),
+            Value::Int(0),
+            Value::Int(-1),
+        ]));
         assert_eq!(none, Ok(Range::None));
         for bad in [
             Value::Int(1),
@@ -475,11 +588,21 @@ mod tests {
             Value::Array(vec![bulk("e"), Value::Int(-1), Value::Int(0)]),
             Value::Array(vec![bulk("E"), Value::Int(1), Value::Int(2)]),
             Value::Array(vec![bulk("a:b"), Value::Int(1), Value::Int(2)]),
-            Value::Array(vec![bulk("e"), Value::Int(1), Value::Int(2), Value::Int(1)]),
+            Value::Array(vec![bulk("e"), Value::Int(1), Value::Int(2)]),
+            // A fork past the top.
+            Value::Array(vec![bulk("e"), Value::Int(1), Value::Int(2), Value::Int(5)]),
             Value::Array(vec![
                 bulk("e"),
                 Value::Int(1),
                 Value::Int(2),
+                Value::Int(-1),
+                Value::Int(1),
+            ]),
+            Value::Array(vec![
+                bulk("e"),
+                Value::Int(1),
+                Value::Int(2),
+                Value::Int(-1),
                 bulk("x"),
                 bulk("y"),
             ]),
@@ -488,6 +611,7 @@ mod tests {
                 bulk("e"),
                 Value::Int(9),
                 Value::Int(10),
+                Value::Int(-1),
                 Value::Int(9),
                 bulk("a"),
                 Value::Int(8),
@@ -523,6 +647,7 @@ mod tests {
             instance: "i1".into(),
             max_entry: 100,
             key: None,
+            node: String::new(),
         };
         let c = String::from_utf8(
             h.publish("sha", "p:room", 7, &[(7, b"x")])

@@ -32,6 +32,7 @@ pub mod outbox;
 pub mod positions;
 pub mod recovery;
 pub mod resp;
+pub mod sentinel;
 pub mod subs;
 pub mod target;
 mod transport;
@@ -42,7 +43,7 @@ pub use transport::resolve_main;
 use crate::backplane::{Backplane, BusEvent, BusStats, HistoryStats};
 use crate::hub::Interest;
 use crate::message::StreamPosition;
-use crate::token::{REDIS_PUB, REDIS_SUB};
+use crate::token::{REDIS_PUB, REDIS_SENTINEL, REDIS_SUB};
 use crate::{envelope, ws::Kind};
 use bytes::Bytes;
 use health::{Health, Timing};
@@ -53,6 +54,7 @@ use mio::Registry;
 use outbox::Outbox;
 use positions::Positions;
 use recovery::Recoveries;
+use sentinel::Sentinels;
 use std::time::{Duration, Instant};
 use subs::Subscriptions;
 use target::Target;
@@ -91,12 +93,20 @@ fn not_now_reason(code: &str) -> &'static str {
     }
 }
 
-/// Which of the two links.
+/// Which link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Sub,
     Pub,
+    /// To a sentinel (`redis+sentinel://` only).
+    Sentinel,
 }
+
+/// With Sentinel and no primary known yet, the data links look again this often.
+const NO_PRIMARY_RETRY: Duration = Duration::from_millis(250);
+/// With Sentinel, data link failures ask the sentinels again at most this often (a
+/// failover is heard at once through `+switch-master`; this is for a missed one).
+const REDISCOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// What the Redis backplane needs from the configuration.
 #[derive(Debug, Clone)]
@@ -122,6 +132,10 @@ pub struct Settings {
 /// N bytes carries at most N / 6 messages.
 const MIN_CLIENT_FRAME: usize = 6;
 
+/// The largest bulk reply the publish and sentinel links take whatever
+/// `--max-message-size` is (`INFO replication`, a sentinel's answers).
+const MIN_REPLY_BULK: usize = 64 * 1024;
+
 /// Room for the position in front of a payload (`0x00 'h' <offset>:<epoch>:`).
 const POSITION_ROOM: usize = 64;
 
@@ -146,6 +160,14 @@ pub struct RedisLink {
     read_budget: usize,
     sub: Conn,
     publ: Conn,
+    /// The link to a sentinel, and what it is for (`redis+sentinel://` only).
+    sent: Conn,
+    sentinels: Option<Sentinels>,
+    /// The primary changed: the data links move to it (next tick).
+    moved: bool,
+    /// A data link failed or found a replica: ask the sentinels again (next tick).
+    rediscover: bool,
+    last_rediscover: Option<Instant>,
     subs: Subscriptions,
     outbox: Outbox,
     positions: Positions,
@@ -185,15 +207,23 @@ impl RedisLink {
                 instance: instance_id(),
                 max_entry: s.max_payload + 2,
                 key: s.history_key.clone(),
+                node: String::new(),
             });
         }
-        let conn = |name, token| Conn {
+        let conn = |name, token, max_bulk| Conn {
             io: Link::new(name, token, max_bulk),
             health: Health::new(s.timing, now),
         };
         RedisLink {
-            sub: conn("subscribe", REDIS_SUB),
-            publ: conn("publish", REDIS_PUB),
+            sub: conn("subscribe", REDIS_SUB, max_bulk),
+            // Replies on the publish link include `INFO replication` (~0.5 KiB, more
+            // with many replicas): a small `--max-message-size` must not skip it.
+            publ: conn("publish", REDIS_PUB, max_bulk.max(MIN_REPLY_BULK)),
+            sent: conn("sentinel", REDIS_SENTINEL, MIN_REPLY_BULK),
+            sentinels: s.target.sentinel.clone().map(Sentinels::new),
+            moved: false,
+            rediscover: false,
+            last_rediscover: None,
             subs: Subscriptions::new(&s.prefix),
             outbox,
             positions: Positions::new(s.hold_bytes, s.max_payload),
@@ -230,6 +260,16 @@ impl RedisLink {
         match side {
             Side::Sub => &mut self.sub,
             Side::Pub => &mut self.publ,
+            Side::Sentinel => &mut self.sent,
+        }
+    }
+
+    /// The links in use: the data links, and with Sentinel the link to a sentinel.
+    fn sides(&self) -> &'static [Side] {
+        if self.sentinels.is_some() {
+            &[Side::Sub, Side::Pub, Side::Sentinel]
+        } else {
+            &[Side::Sub, Side::Pub]
         }
     }
 
@@ -257,12 +297,16 @@ impl RedisLink {
             } else {
                 String::new()
             };
-            match &r.new {
-                Some(new) => warn!(
+            match (&r.new, r.fork) {
+                (Some(new), Some((at, lost))) => warn!(
+                    "redis: history of channel {} forked at offset {at} (epoch {} -> {new}): another Redis took over (a promoted replica, or a restart) and goes on from there; {lost} messages delivered here past it are not in its history{more}",
+                    r.channel, r.old
+                ),
+                (Some(new), None) => warn!(
                     "redis: history of channel {} began again (epoch {} -> {new}): what Redis held of the old one and was not delivered is lost{more}",
                     r.channel, r.old
                 ),
-                None => warn!(
+                (None, _) => warn!(
                     "redis: history of channel {} (epoch {}) is gone (expired, or Redis lost it): what was published meanwhile and not delivered is lost{more}",
                     r.channel, r.old
                 ),
@@ -419,6 +463,9 @@ impl Backplane for RedisLink {
         if let Some(code) = &self.outbox.not_now {
             return Err(not_now_reason(code));
         }
+        if self.sentinels.is_some() && !self.primary_known() {
+            return Err("redis primary not known yet (asking the sentinels)");
+        }
         if !self.sub.health.is_up() {
             return Err("redis subscription link down");
         }
@@ -441,10 +488,10 @@ impl Backplane for RedisLink {
     }
 
     fn on_event(&mut self, registry: &Registry, ev: &Event, now: Instant) {
-        let side = if ev.token() == REDIS_SUB {
-            Side::Sub
-        } else {
-            Side::Pub
+        let side = match ev.token() {
+            REDIS_SUB => Side::Sub,
+            REDIS_PUB => Side::Pub,
+            _ => Side::Sentinel,
         };
         let c = self.conn(side);
         if c.health.phase == health::Phase::Connecting {
@@ -497,7 +544,7 @@ impl Backplane for RedisLink {
     /// Links whose read stopped at the budget: read on (before this iteration's
     /// deliveries are fanned out).
     fn resume_reads(&mut self, registry: &Registry, now: Instant) {
-        for side in [Side::Sub, Side::Pub] {
+        for &side in self.sides() {
             let c = self.conn(side);
             if std::mem::take(&mut c.io.more_to_read) && c.health.connected() {
                 if let Err(why) = self.read(side, now) {
@@ -508,12 +555,15 @@ impl Backplane for RedisLink {
     }
 
     fn has_more_to_read(&self) -> bool {
-        self.sub.io.more_to_read || self.publ.io.more_to_read
+        self.sub.io.more_to_read || self.publ.io.more_to_read || self.sent.io.more_to_read
     }
 
     /// Reconnects, PINGs, moves buffered publishes to the socket, and writes.
     fn tick(&mut self, registry: &Registry, now: Instant) {
-        for side in [Side::Sub, Side::Pub] {
+        if self.sentinels.is_some() {
+            self.follow_primary(registry, now);
+        }
+        for &side in self.sides() {
             self.tick_link(registry, side, now);
         }
         self.send_reads();
@@ -526,7 +576,7 @@ impl Backplane for RedisLink {
                 self.publ.io.send(&cmd);
             }
         }
-        for side in [Side::Sub, Side::Pub] {
+        for &side in self.sides() {
             let c = self.conn(side);
             if !c.health.connected() {
                 continue;
@@ -538,8 +588,10 @@ impl Backplane for RedisLink {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        [&self.sub, &self.publ]
-            .iter()
+        let sent = self.sentinels.as_ref().map(|_| &self.sent);
+        [Some(&self.sub), Some(&self.publ), sent]
+            .into_iter()
+            .flatten()
             .filter_map(|c| c.health.next_deadline())
             .min()
     }

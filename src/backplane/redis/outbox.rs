@@ -33,6 +33,8 @@ enum Expect {
     /// many publishes.
     Publish(Vec<usize>),
     Ping,
+    /// `INFO replication`: the replication id the publish script is given.
+    Node,
     LoadPublish,
     LoadRead,
     Read(ReadReq),
@@ -211,15 +213,21 @@ impl Outbox {
             // Nothing to prove writes work with: the next refusal says so again.
             self.not_now = None;
         }
-        if self.history.is_none() {
+        let Some(h) = self.history.as_mut() else {
             return Vec::new();
-        }
+        };
+        // Asked again on every connect: it may be another Redis now.
+        h.node.clear();
+        self.expect.push_back(Expect::Node);
         self.expect.push_back(Expect::LoadPublish);
         self.expect.push_back(Expect::LoadRead);
-        [history::publish_script(), history::READ_SCRIPT.to_string()]
-            .iter()
-            .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(s).clone())
-            .collect()
+        let mut cmds = vec![redis::cmd("INFO").arg("replication").clone()];
+        cmds.extend(
+            [history::publish_script(), history::read_script()]
+                .iter()
+                .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(s).clone()),
+        );
+        cmds
     }
 
     /// Whether publishes and reads can be sent (scripts loaded, or history off).
@@ -418,6 +426,14 @@ impl Outbox {
                 Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => Ok(Reply::Pong),
                 other => Err(format!("unexpected PING reply {other:?}").into()),
             },
+            Some(Expect::Node) => {
+                // A Redis that refuses INFO (renamed by an operator) or gives no id
+                // still works: without fork detection.
+                if let Some(h) = self.history.as_mut() {
+                    h.node = history::replication_id(&v).unwrap_or_default();
+                }
+                Ok(Reply::Nothing)
+            }
             Some(which @ (Expect::LoadPublish | Expect::LoadRead)) => {
                 let sha = match v {
                     Value::BulkString(b) => {
@@ -600,11 +616,21 @@ mod tests {
             instance: "i".into(),
             max_entry: 100,
             key: None,
+            node: String::new(),
         });
-        assert_eq!(o.on_up().len(), 2, "SCRIPT LOAD twice");
+        assert_eq!(o.on_up().len(), 3, "INFO replication, SCRIPT LOAD twice");
         assert!(
             !o.can_send() && o.send_next().is_none(),
             "not before the SHAs"
+        );
+        let info = "# Replication\r\nrole:master\r\nmaster_replid:0123456789abcdef0123456789abcdef01234567\r\n";
+        assert_eq!(
+            o.on_reply(Value::BulkString(info.as_bytes().to_vec())),
+            Ok(Reply::Nothing)
+        );
+        assert_eq!(
+            o.history.as_ref().map(|h| h.node.as_str()),
+            Some("0123456789abcdef0123456789abcdef01234567")
         );
         assert_eq!(
             o.on_reply(Value::BulkString(b"sha1".to_vec())),
@@ -653,6 +679,8 @@ mod tests {
         o.on_down();
         let mut o2 = o;
         o2.on_up();
+        o2.on_reply(Value::Nil)
+            .expect("INFO (no id: no fork detection)");
         o2.on_reply(Value::BulkString(b"s".to_vec())).expect("load");
         o2.on_reply(Value::BulkString(b"r".to_vec())).expect("load");
         let s = sent(&mut o2);
@@ -683,6 +711,7 @@ mod tests {
             for _ in 0..(MAX_PUBLISH_SENDS + 2) {
                 assert!(o.on_down().is_empty(), "{code}: nothing abandoned");
                 o.on_up();
+                o.on_reply(Value::Nil).expect("INFO");
                 o.on_reply(Value::BulkString(b"s".to_vec())).expect("load");
                 o.on_reply(Value::BulkString(b"r".to_vec())).expect("load");
                 assert_eq!(sent(&mut o).len(), 1, "both sent again, in order");

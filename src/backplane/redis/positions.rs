@@ -104,6 +104,9 @@ pub struct Stream {
     /// to here was returned or is not in the stream (trimmed, or too large). `top + 1`
     /// when the read reached the top.
     pub next: u64,
+    /// The read's epoch is the one this history forked from, at this offset (a Redis
+    /// that lacked the old one's tail took over; `history` module doc).
+    pub fork: Option<u64>,
     /// Offsets and envelope-encoded bodies, ascending.
     pub entries: Vec<(u64, Bytes)>,
 }
@@ -223,6 +226,9 @@ pub struct Reset {
     pub old: Epoch,
     /// `None`: the history is gone (expired, or Redis lost it) and none began yet.
     pub new: Option<Epoch>,
+    /// Not a reset but a fork: at which offset, and how many messages this instance
+    /// delivered past it (no longer in history).
+    pub fork: Option<(u64, u64)>,
 }
 
 /// Every subscribed channel's position.
@@ -542,6 +548,46 @@ impl Positions {
             channel: channel.to_string(),
             old,
             new,
+            fork: None,
+        });
+    }
+
+    /// The history forked at offset `at` into `new` (another Redis took over, lacking
+    /// the old one's tail, or it may have): the position goes on in the new epoch from
+    /// `at` at the latest, so the new epoch's messages after it are delivered even where
+    /// their offsets were given out before. What this instance delivered past `at` came
+    /// from a tail Redis no longer has: counted (`fork_lost`), with what it held of
+    /// that tail (missed).
+    fn fork(&mut self, channel: &str, at: u64, new: Epoch) {
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        let Known::At(p) = &c.known else {
+            return;
+        };
+        let old = p.epoch.clone();
+        let last = p.offset;
+        let lost = last.saturating_sub(at);
+        self.stats.forks += 1;
+        self.stats.fork_lost += lost;
+        self.stats.missed += c.hold.len() as u64 + u64::from(c.behind.is_some());
+        self.hold_bytes -= c
+            .hold
+            .values()
+            .map(|h| h.body.len() + HELD_OVERHEAD)
+            .sum::<usize>();
+        c.hold.clear();
+        c.behind = None;
+        c.recent = [(0, 0); RECENT];
+        c.known = Known::At(StreamPosition::new(new.clone(), last.min(at)));
+        // Clients that keep positions (Centrifugo) are told to subscribe again: theirs
+        // are in the old epoch.
+        self.gaps.push(channel.to_string());
+        self.resets.push(Reset {
+            channel: channel.to_string(),
+            old,
+            new: Some(new),
+            fork: Some((at, lost)),
         });
     }
 
@@ -564,7 +610,10 @@ impl Positions {
                 return true;
             }
             // Redis holds another epoch: confirmed, a reset.
-            Known::At(p) if p.epoch != s.epoch => self.begin_again(channel, Some(s.epoch.clone())),
+            Known::At(p) if p.epoch != s.epoch => match s.fork {
+                Some(at) => self.fork(channel, at, s.epoch.clone()),
+                None => self.begin_again(channel, Some(s.epoch.clone())),
+            },
             Known::At(_) => {}
             Known::Empty => c.known = Known::At(StreamPosition::new(s.epoch.clone(), 0)),
         }

@@ -33,6 +33,7 @@ fn stream(epoch: &'static str, top: u64, offs: std::ops::Range<u64>) -> Stream {
         epoch: ep(epoch),
         top,
         next: top + 1,
+        fork: None,
         entries: offs.map(|o| (o, body(o))).collect(),
     }
 }
@@ -551,6 +552,7 @@ mod model {
                     epoch,
                     top: self.top,
                     next: self.top + 1,
+                    fork: None,
                     entries: vec![],
                 });
             }
@@ -570,6 +572,7 @@ mod model {
                 epoch,
                 top: self.top,
                 next,
+                fork: None,
                 entries,
             })
         }
@@ -777,4 +780,77 @@ fn a_link_lost_before_the_position_read_answers_loses_nothing() {
     p.on_range(&r, range("e", 9, 8..=9), &mut out);
     assert_eq!(got(&mut out), ["m8", "m9"]);
     assert!(p.next_read().is_none());
+}
+
+/// Issue 18: a promoted replica that missed the old primary's last messages gives
+/// their offsets to new ones, in a new epoch that forked off at its top. A channel
+/// that delivered past the fork goes on in the new epoch from the fork: the new
+/// messages are delivered (not dropped as duplicates of offsets seen before), and what
+/// it delivered past the fork is counted as taken by the old primary.
+#[test]
+fn a_fork_goes_on_from_where_it_forked_and_counts_the_lost_tail() {
+    let (mut p, mut out) = joined("old", 0);
+    for o in 1..=8 {
+        p.on_message("c", pos("old", o), body(o), &mut out);
+    }
+    assert_eq!(got(&mut out).len(), 8);
+    // The new primary had 1..=5; its new messages are 6, 7 of epoch "new".
+    p.on_message("c", pos("new", 6), Bytes::from_static(b"n6"), &mut out);
+    assert!(out.is_empty(), "another epoch waits for a read");
+    let (req, from) = read_from(&mut p);
+    assert_eq!(from, 9, "asked after what it delivered, in its epoch");
+    let forked = Stream {
+        epoch: ep("new"),
+        top: 7,
+        next: 8,
+        fork: Some(5),
+        entries: vec![
+            (6, Bytes::from_static(b"n6")),
+            (7, Bytes::from_static(b"n7")),
+        ],
+    };
+    p.on_range(&req, Ok(Range::At(forked)), &mut out);
+    assert_eq!(got(&mut out), ["n6", "n7"]);
+    assert_eq!(p.last("c"), Some(StreamPosition::new(ep("new"), 7)));
+    assert_eq!((p.stats.forks, p.stats.fork_lost), (1, 3));
+    assert_eq!(p.stats.resets, 0, "a fork is no reset");
+    assert_eq!(p.stats.duplicates, 0);
+    assert!(
+        p.gaps.contains(&"c".to_string()),
+        "positioned clients are told"
+    );
+    // Live again in the new epoch.
+    p.on_message("c", pos("new", 8), Bytes::from_static(b"n8"), &mut out);
+    assert_eq!(got(&mut out), ["n8"]);
+}
+
+/// A channel that was behind the fork reads on in the new epoch from where it was:
+/// what the new primary holds up to the fork is delivered, nothing is counted lost.
+#[test]
+fn a_fork_behind_the_position_delivers_what_history_still_has() {
+    let (mut p, mut out) = joined("old", 0);
+    for o in 1..=3 {
+        p.on_message("c", pos("old", o), body(o), &mut out);
+    }
+    got(&mut out);
+    p.on_message("c", pos("new", 7), Bytes::from_static(b"n7"), &mut out);
+    let (req, _) = read_from(&mut p);
+    let forked = Stream {
+        epoch: ep("new"),
+        top: 7,
+        next: 8,
+        fork: Some(5),
+        entries: vec![
+            (4, body(4)),
+            (5, body(5)),
+            (6, Bytes::from_static(b"n6")),
+            (7, Bytes::from_static(b"n7")),
+        ],
+    };
+    p.on_range(&req, Ok(Range::At(forked)), &mut out);
+    assert_eq!(got(&mut out), ["m4", "m5", "n6", "n7"]);
+    assert_eq!(
+        (p.stats.forks, p.stats.fork_lost, p.stats.missed),
+        (1, 0, 0)
+    );
 }

@@ -304,6 +304,7 @@ mod tests {
             epoch: Epoch::from_static(e),
             top,
             next,
+            fork: None,
             entries: offs.map(|o| (o, Bytes::from(format!("m{o}")))).collect(),
         }))
     }

@@ -4,9 +4,11 @@
 use super::health::{self, Due};
 use super::outbox::{self, Reply};
 use super::resp::Next;
+use super::sentinel::{self, Heard};
 use super::subs::{self, SubReply};
+use super::target::{Addr, Target};
 use super::transport::{self, Stream};
-use super::{log_due, RedisLink, Side, FAILURE_LOG_EVERY};
+use super::{log_due, RedisLink, Side, FAILURE_LOG_EVERY, NO_PRIMARY_RETRY, REDISCOVER_EVERY};
 use crate::backplane::BusEvent;
 use crate::envelope;
 use bytes::Bytes;
@@ -62,12 +64,22 @@ impl RedisLink {
     pub(super) fn on_value(&mut self, side: Side, v: Value, now: Instant) -> Result<(), String> {
         let c = self.conn(side);
         if c.health.phase == health::Phase::Handshaking {
+            // With Sentinel, a data link's handshake has a ROLE: only a master will do.
+            let v = match v {
+                Value::Array(_) if side != Side::Sentinel && self.sentinels.is_some() => {
+                    sentinel::role_is_master(&v)?;
+                    Value::Okay
+                }
+                v => v,
+            };
+            let c = self.conn(side);
             if c.health.on_handshake_reply(&v, now)? {
                 self.on_up(side);
             }
             return Ok(());
         }
         match side {
+            Side::Sentinel => self.on_sentinel_value(v),
             Side::Sub => self.on_sub_value(v),
             Side::Pub => {
                 let reply = self.outbox.on_reply(v).map_err(|e| e.why)?;
@@ -206,6 +218,13 @@ impl RedisLink {
     /// TCP connected: send the login commands and a PING; up when all are answered.
     pub(super) fn on_connected(&mut self, side: Side, now: Instant) {
         let mut login = Vec::new();
+        if side == Side::Sentinel {
+            // Sentinels are asked without AUTH; a PING proves the link.
+            let c = self.conn(side);
+            c.health.on_connected(0, now);
+            c.io.send(&redis::cmd("PING"));
+            return;
+        }
         if let Some(pass) = &self.target.password {
             let mut c = redis::cmd("AUTH");
             if let Some(u) = &self.target.username {
@@ -215,6 +234,9 @@ impl RedisLink {
         }
         if side == Side::Pub && self.target.db != 0 {
             login.push(redis::cmd("SELECT").arg(self.target.db).clone());
+        }
+        if self.sentinels.is_some() {
+            login.push(redis::cmd("ROLE"));
         }
         let c = self.conn(side);
         c.health.on_connected(login.len(), now);
@@ -228,13 +250,18 @@ impl RedisLink {
     pub(super) fn on_up(&mut self, side: Side) {
         let target = self.target.display();
         let c = self.conn(side);
-        info!("redis {} link up ({target})", c.io.name);
+        if side == Side::Sentinel {
+            debug!("redis sentinel link up");
+        } else {
+            info!("redis {} link up ({target})", c.io.name);
+        }
         if c.health.take_reconnect() {
             self.reconnects += 1;
         }
         let cmds = match side {
             Side::Sub => self.subs.on_up(),
             Side::Pub => self.outbox.on_up(),
+            Side::Sentinel => self.sentinels.as_mut().map_or(Vec::new(), |s| s.on_up()),
         };
         let c = self.conn(side);
         for cmd in &cmds {
@@ -268,7 +295,12 @@ impl RedisLink {
                 c.io.name
             );
         }
+        if side != Side::Sentinel && self.sentinels.is_some() {
+            // Any data link failure asks the sentinels again: the primary may have moved.
+            self.rediscover = true;
+        }
         match side {
+            Side::Sentinel => {}
             Side::Sub => self.subs.on_down(),
             Side::Pub => {
                 self.positions.on_publish_link_down();
@@ -284,7 +316,26 @@ impl RedisLink {
     }
 
     pub(super) fn start_connect(&mut self, registry: &Registry, side: Side, now: Instant) {
-        let result = transport::connect(&self.target).and_then(|mut s| {
+        let known = self.primary_known();
+        let target = match (side, &mut self.sentinels) {
+            (Side::Sentinel, Some(s)) => {
+                let (host, port) = s.pick();
+                Target {
+                    addr: Addr::Tcp(host, port),
+                    username: None,
+                    password: None,
+                    db: 0,
+                    sentinel: None,
+                }
+            }
+            (_, Some(_)) if !known => {
+                // No sentinel has named the primary yet: look again shortly.
+                self.conn(side).health.wait_until(now + NO_PRIMARY_RETRY);
+                return;
+            }
+            _ => self.target.clone(),
+        };
+        let result = transport::connect(&target).and_then(|mut s| {
             let ready = match s {
                 Stream::Resolving(_) => Ready::READABLE,
                 _ => Ready::READABLE | Ready::WRITABLE,
@@ -322,6 +373,67 @@ impl RedisLink {
                 if side == Side::Pub {
                     self.outbox.ping_sent();
                 }
+            }
+        }
+    }
+
+    // ---- following the primary through Sentinel -------------------------------------
+
+    /// A sentinel has named the primary (the data links have an address).
+    pub(super) fn primary_known(&self) -> bool {
+        !matches!(&self.target.addr, Addr::Tcp(_, 0))
+    }
+
+    pub(super) fn on_sentinel_value(&mut self, v: Value) -> Result<(), String> {
+        let Some(s) = self.sentinels.as_mut() else {
+            return Ok(());
+        };
+        match s.on_value(v)? {
+            Heard::Nothing => {}
+            Heard::Pong => self.sent.health.on_pong(),
+            Heard::Primary(host, port) => {
+                let new = Addr::Tcp(host.clone(), port);
+                if !matches!(&self.target.addr, Addr::Tcp(h, p) if *h == host && *p == port) {
+                    let master = s.master().to_string();
+                    if self.primary_known() {
+                        warn!(
+                            "redis: the sentinels name a new primary of {master}: {host}:{port} (was {}); both links move to it",
+                            self.target.display()
+                        );
+                    } else {
+                        info!("redis: the sentinels name the primary of {master}: {host}:{port}");
+                    }
+                    self.target.addr = new;
+                    self.moved = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With Sentinel, once per tick: data links leave a primary that is no longer one,
+    /// and a data link failure asks the sentinels again (their link restarts, on the
+    /// next sentinel, and asks for the address first).
+    pub(super) fn follow_primary(&mut self, registry: &Registry, now: Instant) {
+        if std::mem::take(&mut self.moved) {
+            for side in [Side::Sub, Side::Pub] {
+                if self.conn(side).health.phase != health::Phase::Down {
+                    self.fail(registry, side, "the primary moved", now);
+                }
+                self.conn(side).health.retry_now(now);
+            }
+            self.rediscover = false;
+        }
+        let due = self
+            .last_rediscover
+            .is_none_or(|t| now.saturating_duration_since(t) >= REDISCOVER_EVERY);
+        if self.rediscover && due {
+            self.rediscover = false;
+            if self.sent.health.connected() {
+                debug!("redis: a data link failed; asking the sentinels again");
+                self.last_rediscover = Some(now);
+                self.sent.io.close(registry);
+                self.sent.health.wait_until(now);
             }
         }
     }
