@@ -333,3 +333,58 @@ fn a_promoted_replica_that_missed_the_tail_delivers_what_is_new() {
     }
     a.wait_log("forked at offset 6", 1.0);
 }
+
+/// A sentinel that names a replica (stale, or lying): the instance connects there, the
+/// handshake's `ROLE` says `slave`, and the link is refused — a replica is never used as
+/// the primary. `/readyz` stays 503 and the log says why. (The sentinel here is a
+/// stand-in speaking RESP on a socket: real sentinels do not name replicas.)
+#[test]
+fn a_replica_named_as_primary_is_never_used() {
+    let primary = Redis::start();
+    let port = primary.port.to_string();
+    let replica = Redis::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-load",
+        "on-empty-db",
+    ]);
+    let liar = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let liar_port = liar.local_addr().expect("addr").port();
+    let named = replica.port;
+    std::thread::spawn(move || {
+        for conn in liar.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&seen).to_string();
+                    let mut out = String::new();
+                    // Answers in order of what arrived (whole commands only).
+                    if text.contains("PING") && !text.contains("GET-MASTER") {
+                        out.push_str("+PONG\r\n");
+                        seen.clear();
+                    } else if text.contains("+switch-master") {
+                        let p = named.to_string();
+                        out.push_str(&format!("*2\r\n$9\r\n127.0.0.1\r\n${}\r\n{p}\r\n", p.len()));
+                        out.push_str("*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n");
+                        seen.clear();
+                    }
+                    if !out.is_empty() && conn.write_all(out.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let a = instance(&format!("redis+sentinel://127.0.0.1:{liar_port}/{MASTER}"));
+    a.wait_log(&format!("primary of {MASTER}: 127.0.0.1:{named}"), 10.0);
+    a.wait_log("not the primary (ROLE says slave)", 10.0);
+    assert_eq!(a.status("/readyz"), 503);
+    assert!(!a.log().contains("link up (redis+sentinel"), "{}", a.log());
+}
