@@ -9,7 +9,7 @@
 //!
 //! Sizes by environment: WSFAN_BENCH_IDLE (10000), WSFAN_BENCH_CLIENTS (1000),
 //! WSFAN_BENCH_SECS (5), WSFAN_BENCH_RATES (publishes/s, "200,400,800,1200").
-//! WSFAN_BENCH_ONLY=idle|coalescing|throughput|history runs one phase (e.g. under
+//! WSFAN_BENCH_ONLY=idle|coalescing|throughput|history|protocol|cluster runs one phase (e.g. under
 //! `perf record`); WSFAN_BENCH_HISTORY=0 runs the throughput phase with history off
 //! (`--history-size 0`) for comparison;
 //! WSFAN_BENCH_WRAP="valgrind --tool=callgrind ..." runs wsfan under a tool.
@@ -37,6 +37,7 @@ macro_rules! report {
     }};
 }
 
+mod cluster;
 mod fleet;
 mod floor;
 mod history;
@@ -162,5 +163,13 @@ fn main() {
         };
         protocol::recovery_storm(storm, missed);
         protocol::pushes_vs_plain(clients, messages);
+    }
+    if only.is_empty() || only == "cluster" {
+        if bench {
+            cluster::costs(300, 200);
+            cluster::failover_default_timeout();
+        } else {
+            cluster::costs(6, 3);
+        }
     }
 }

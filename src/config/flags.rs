@@ -199,6 +199,25 @@ pub const FLAGS: &[Flag] = &[
         },
     },
     Flag {
+        name: "redis-cluster",
+        hint: "URL,..",
+        default: Dflt::Unset("off"),
+        help: "seed nodes of a Redis Cluster (redis://[user:pass@]host[:port], comma-separated): sharded Pub/Sub, one link pair per primary",
+        set: |c, n, v| {
+            let mut seeds = Vec::new();
+            for url in v.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+                let t = crate::backplane::redis::target::Target::parse(url)
+                    .map_err(|e| invalid(n, &format!("{e}, got {:?}", redact_url(url))))?;
+                seeds.push(t);
+            }
+            if seeds.is_empty() || seeds.len() > 16 {
+                return Err(invalid(n, "1 to 16 seed URLs, comma-separated"));
+            }
+            c.redis_cluster = Some(seeds);
+            Ok(())
+        },
+    },
+    Flag {
         name: "channel-prefix",
         hint: "STR",
         default: Dflt::Unset("empty"),

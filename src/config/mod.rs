@@ -50,6 +50,8 @@ pub struct Config {
     /// Redis (`redis://[user:pass@]host:port[/db]`, `unix:///path[?db=N]`), parsed.
     /// `None` runs standalone.
     pub redis: Option<crate::backplane::redis::target::Target>,
+    /// `--redis-cluster`: seed nodes of a Redis Cluster (each `redis://host:port`).
+    pub redis_cluster: Option<Vec<crate::backplane::redis::target::Target>>,
     /// Prefix prepended to channel names to form Redis channel names. Default empty.
     pub channel_prefix: String,
     /// Messages kept for publishing while Redis is unreachable. Default 10,000.
@@ -129,6 +131,7 @@ impl Config {
             max_messages_burst: 0,
             log_level: log::LevelFilter::Info,
             redis: None,
+            redis_cluster: None,
             channel_prefix: String::new(),
             redis_buffer_messages: 0,
             redis_buffer_bytes: 0,
@@ -278,7 +281,11 @@ impl Config {
                 &format!("expected at least 256, got {}", self.max_outbound_bytes),
             ));
         }
-        if self.reuse_port && self.redis.is_none() && !self.standalone {
+        if self.reuse_port
+            && self.redis.is_none()
+            && self.redis_cluster.is_none()
+            && !self.standalone
+        {
             return Err(invalid(
                 "reuse-port",
                 "without --redis, processes sharing a port do not share messages: clients \
@@ -288,6 +295,26 @@ impl Config {
         }
         if self.standalone && self.redis.is_some() {
             return Err(invalid("standalone", "contradicts --redis: choose one"));
+        }
+        if let Some(seeds) = &self.redis_cluster {
+            if self.redis.is_some() || self.standalone {
+                return Err(invalid(
+                    "redis-cluster",
+                    "contradicts --redis and --standalone: choose one",
+                ));
+            }
+            if self.channel_prefix.contains(['{', '}']) {
+                return Err(invalid(
+                    "channel-prefix",
+                    "may not contain { or } with --redis-cluster (a channel's keys and shard channel must hash to one slot)",
+                ));
+            }
+            if seeds.iter().any(|t| t.db != 0 || t.sentinel.is_some()) {
+                return Err(invalid(
+                    "redis-cluster",
+                    "seeds are redis://[user:pass@]host[:port] (a cluster has only db 0)",
+                ));
+            }
         }
         Ok(())
     }

@@ -20,7 +20,7 @@ mod wsfan_proc;
 pub use client::*;
 pub use dns::FakeDns;
 pub use procs::*;
-pub use redis_server::{Redis, Sentinel};
+pub use redis_server::{free_cluster_port, Cluster, Redis, Sentinel};
 pub use wsfan_proc::Wsfan;
 
 use std::net::TcpListener;

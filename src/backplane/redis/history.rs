@@ -471,7 +471,7 @@ pub fn parse_published(v: &Value) -> Option<Vec<ChannelResult>> {
         .iter()
         .map(|g| match g {
             Value::Array(a) => match a.as_slice() {
-                [Value::Int(top), Value::Int(flags)] if *top >= 0 && (0..4).contains(flags) => {
+                [Value::Int(top), Value::Int(flags)] if *top >= 0 && (0..8).contains(flags) => {
                     Some(ChannelResult::Published {
                         flags: *flags as u8,
                     })

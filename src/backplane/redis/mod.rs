@@ -26,6 +26,7 @@
 //! `redis::Parser`. A host name is looked up by a child process (`transport::Resolver`),
 //! never on the loop.
 
+pub mod cluster;
 pub mod health;
 pub mod history;
 pub mod outbox;
@@ -35,6 +36,7 @@ pub mod resp;
 pub mod sentinel;
 pub mod subs;
 pub mod target;
+pub mod topology;
 mod transport;
 mod wire;
 
@@ -126,6 +128,28 @@ pub struct Settings {
     pub hold_bytes: usize,
     /// `--history-key`: authenticated envelopes only.
     pub history_key: Option<crate::envelope::HistoryKey>,
+    /// One shard of a Redis Cluster (`cluster::ClusterBackplane`): shard channels, its
+    /// own tokens, the instance's one id and publish sequence.
+    pub shard: Option<ShardOf>,
+}
+
+/// What a shard link shares with the cluster it is part of.
+#[derive(Debug, Clone)]
+pub struct ShardOf {
+    /// The subscription and publish links' tokens.
+    pub tokens: (mio::Token, mio::Token),
+    pub instance: String,
+    pub seq: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+/// A channel handed from one shard link to another (its slot moved): where it was,
+/// whether its members were admitted, and its publishes not yet acknowledged.
+#[derive(Debug)]
+pub struct Handover {
+    pub channel: String,
+    pub pos: Option<StreamPosition>,
+    pub admitted: bool,
+    pub publishes: Vec<(Bytes, u64)>,
 }
 
 /// The smallest client frame (2-byte header + 4-byte mask, empty payload): a read of
@@ -140,7 +164,7 @@ const MIN_REPLY_BULK: usize = 64 * 1024;
 const POSITION_ROOM: usize = 64;
 
 /// A random id for this process (dedupe keys): std's hasher keys are random per process.
-fn instance_id() -> String {
+pub fn instance_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
@@ -168,6 +192,14 @@ pub struct RedisLink {
     /// A data link failed or found a replica: ask the sentinels again (next tick).
     rediscover: bool,
     last_rediscover: Option<Instant>,
+    /// A shard link: something suggests the cluster's topology changed (a `MOVED`,
+    /// a link failure, a shard channel dropped by Redis). Taken by the cluster.
+    trouble: bool,
+    sharded: bool,
+    /// A topology answer not yet taken by the cluster (`take_topology`).
+    topology: Option<(bool, Result<topology::Topology, String>)>,
+    /// A topology question is out on the publish link.
+    topology_asked: bool,
     subs: Subscriptions,
     outbox: Outbox,
     positions: Positions,
@@ -200,11 +232,21 @@ impl RedisLink {
         // checked after decoding.
         let max_bulk = s.max_payload + 2 + POSITION_ROOM;
         let mut outbox = Outbox::new(s.buffer_messages, s.buffer_bytes);
+        if let Some(sh) = &s.shard {
+            outbox = outbox.sharded(sh.seq.clone());
+        }
+        let (sub_token, pub_token) = s
+            .shard
+            .as_ref()
+            .map_or((REDIS_SUB, REDIS_PUB), |sh| sh.tokens);
         if s.history_size > 0 {
             outbox = outbox.with_history(History {
                 size: s.history_size,
                 ttl: s.history_ttl.as_secs().max(1),
-                instance: instance_id(),
+                instance: s
+                    .shard
+                    .as_ref()
+                    .map_or_else(instance_id, |sh| sh.instance.clone()),
                 max_entry: s.max_payload + 2,
                 key: s.history_key.clone(),
                 node: String::new(),
@@ -215,16 +257,24 @@ impl RedisLink {
             health: Health::new(s.timing, now),
         };
         RedisLink {
-            sub: conn("subscribe", REDIS_SUB, max_bulk),
+            sub: conn("subscribe", sub_token, max_bulk),
             // Replies on the publish link include `INFO replication` (~0.5 KiB, more
             // with many replicas): a small `--max-message-size` must not skip it.
-            publ: conn("publish", REDIS_PUB, max_bulk.max(MIN_REPLY_BULK)),
+            publ: conn("publish", pub_token, max_bulk.max(MIN_REPLY_BULK)),
             sent: conn("sentinel", REDIS_SENTINEL, MIN_REPLY_BULK),
             sentinels: s.target.sentinel.clone().map(Sentinels::new),
             moved: false,
             rediscover: false,
             last_rediscover: None,
-            subs: Subscriptions::new(&s.prefix),
+            trouble: false,
+            sharded: s.shard.is_some(),
+            topology: None,
+            topology_asked: false,
+            subs: if s.shard.is_some() {
+                Subscriptions::new(&s.prefix).sharded()
+            } else {
+                Subscriptions::new(&s.prefix)
+            },
             outbox,
             positions: Positions::new(s.hold_bytes, s.max_payload),
             recoveries: Recoveries::new(s.hold_bytes, s.max_payload),
@@ -345,6 +395,91 @@ impl RedisLink {
     /// read, so it does not walk the subscriptions as `all_confirmed` does.
     fn flowing(&self) -> bool {
         self.publ.health.is_up() && self.sub.health.is_up() && self.outbox.can_send()
+    }
+
+    // ---- one shard of a cluster (`cluster::ClusterBackplane`) --------------------------
+
+    /// Whether something suggested the topology changed since the last call.
+    pub fn take_trouble(&mut self) -> bool {
+        std::mem::take(&mut self.trouble)
+    }
+
+    /// Asks this node for the cluster's topology if its publish link is up and no
+    /// question is out; whether it was asked.
+    pub fn ask_topology(&mut self, slots: bool) -> bool {
+        if self.topology_asked || !self.publ.health.is_up() {
+            return false;
+        }
+        let cmd = self.outbox.ask_topology(slots);
+        self.publ.io.send(&cmd);
+        self.topology_asked = true;
+        true
+    }
+
+    /// The publish link is up (a topology question could go out).
+    pub fn publish_link_up(&self) -> bool {
+        self.publ.health.is_up()
+    }
+
+    /// The answer to `ask_topology`, once.
+    pub fn take_topology(&mut self) -> Option<(bool, Result<topology::Topology, String>)> {
+        self.topology.take()
+    }
+
+    /// Where this link's Redis is.
+    pub fn addr(&self) -> &target::Addr {
+        &self.target.addr
+    }
+
+    /// The channels local members want here.
+    pub fn wanted(&self) -> Vec<String> {
+        self.subs.wanted()
+    }
+
+    /// Hands a channel over to another shard link (its slot moved): unsubscribed here
+    /// (if the link is up), its position and unacknowledged publishes taken out.
+    pub fn hand_over(&mut self, channel: &str) -> Option<Handover> {
+        let up = self.sub.health.is_up();
+        let cmd = self.subs.unwant(channel, up);
+        if let Some(cmd) = cmd {
+            self.sub.io.send(&cmd);
+        }
+        let (pos, admitted) = self.positions.take(channel).unwrap_or((None, false));
+        let name = self.subs.redis_name(channel);
+        let publishes = self.outbox.take_channel(&name);
+        Some(Handover {
+            channel: channel.to_string(),
+            pos,
+            admitted,
+            publishes,
+        })
+    }
+
+    /// Takes a channel over from another shard link (`hand_over`): subscribed here,
+    /// going on from its position, its publishes sent first.
+    pub fn take_over(&mut self, h: Handover) {
+        self.positions.adopt(&h.channel, h.pos, h.admitted);
+        let name = self.subs.redis_name(&h.channel);
+        self.outbox.give_channel(&name, h.publishes);
+        self.interest(Interest::Subscribe(h.channel.into()));
+    }
+
+    /// Points both links at another node (the same slots' new primary): they leave the
+    /// old one at once; every channel repairs its gap there.
+    pub fn retarget(&mut self, registry: &Registry, addr: target::Addr, now: Instant) {
+        self.target.addr = addr;
+        for side in [Side::Sub, Side::Pub] {
+            if self.conn(side).health.phase != health::Phase::Down {
+                self.fail(registry, side, "its slots moved to another node", now);
+            }
+            self.conn(side).health.retry_now(now);
+        }
+    }
+
+    /// Closes both links (the shard is no longer used).
+    pub fn close(&mut self, registry: &Registry) {
+        self.sub.io.close(registry);
+        self.publ.io.close(registry);
     }
 
     fn log_drops(&mut self) {
@@ -488,10 +623,13 @@ impl Backplane for RedisLink {
     }
 
     fn on_event(&mut self, registry: &Registry, ev: &Event, now: Instant) {
-        let side = match ev.token() {
-            REDIS_SUB => Side::Sub,
-            REDIS_PUB => Side::Pub,
-            _ => Side::Sentinel,
+        let t = ev.token();
+        let side = if t == self.sub.io.token {
+            Side::Sub
+        } else if t == self.publ.io.token {
+            Side::Pub
+        } else {
+            Side::Sentinel
         };
         let c = self.conn(side);
         if c.health.phase == health::Phase::Connecting {
@@ -651,6 +789,7 @@ mod tests {
             history_ttl: Duration::from_secs(60),
             hold_bytes: 1 << 20,
             history_key: None,
+            shard: None,
             timing: Timing {
                 ping_interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(5),
@@ -770,6 +909,7 @@ mod tests {
             history_ttl: Duration::from_secs(60),
             hold_bytes: 1 << 20,
             history_key: None,
+            shard: None,
             timing: Timing {
                 ping_interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(5),

@@ -12,6 +12,7 @@
 use super::history::{self, History, Shas};
 use super::positions::{Range, ReadReq};
 use super::recovery::RecoverReq;
+use super::topology;
 use bytes::Bytes;
 use redis::Value;
 use std::collections::VecDeque;
@@ -35,6 +36,8 @@ enum Expect {
     Ping,
     /// `INFO replication`: the replication id the publish script is given.
     Node,
+    /// `CLUSTER SHARDS` (`false`) or `CLUSTER SLOTS` (`true`).
+    Topology(bool),
     LoadPublish,
     LoadRead,
     Read(ReadReq),
@@ -51,6 +54,9 @@ struct Outgoing {
     sends: u8,
     /// This process's publish number: the script drops a re-send already applied.
     seq: u64,
+    /// Handed to another shard while in flight here: its reply is awaited (replies
+    /// match by position), nothing else; never sent again from here.
+    moved: bool,
 }
 
 /// Error codes by which Redis says "not now" or "not here" (a replica, loading, a
@@ -129,6 +135,9 @@ pub enum Reply {
     Range(ReadReq, Result<Range, (Refused, String)>),
     /// A `Backplane::history` read's answer (the same shapes).
     Recovered(RecoverReq, Result<Range, (Refused, String)>),
+    /// A cluster topology answer (`CLUSTER SLOTS` if the flag), or why not (a
+    /// refusal's text, or a reply that does not parse).
+    Topology(bool, Result<topology::Topology, String>),
 }
 
 /// The link must be dropped: a "not now" refusal (`NOT_NOW`; `code` set, `/readyz`
@@ -171,8 +180,11 @@ pub struct Outbox {
     /// `Some`: publishes go through the history script.
     history: Option<History>,
     shas: Shas,
-    /// The last publish number given out.
-    seq: u64,
+    /// The last publish number given out, shared by every shard's outbox (one
+    /// instance id, one sequence: a channel moved between shards keeps its dedupe).
+    seq: std::rc::Rc<std::cell::Cell<u64>>,
+    /// Redis Cluster: `SPUBLISH` in the script, and one slot per call.
+    sharded: bool,
 }
 
 impl Outbox {
@@ -193,7 +205,58 @@ impl Outbox {
             not_now: None,
             history: None,
             shas: Shas::default(),
-            seq: 0,
+            seq: Default::default(),
+            sharded: false,
+        }
+    }
+
+    /// Shard channels: the script `SPUBLISH`es, and a call carries channels of one
+    /// slot only; `seq` is the sequence shared with the other shards' outboxes.
+    pub fn sharded(mut self, seq: std::rc::Rc<std::cell::Cell<u64>>) -> Outbox {
+        self.sharded = true;
+        self.seq = seq;
+        self
+    }
+
+    /// Takes out every publish of `channel` (waiting or in flight, in order) for
+    /// another shard's outbox: the channel's slot moved. In-flight ones will get no
+    /// reply here that counts (their replies are matched by position, so they stay
+    /// as placeholders); the other outbox sends them again (the script's dedupe drops
+    /// any this Redis applied and handed over).
+    pub fn take_channel(&mut self, channel: &str) -> Vec<(Bytes, u64)> {
+        let mut out = Vec::new();
+        for m in self.inflight.iter_mut() {
+            if &*m.channel == channel && !m.moved {
+                m.moved = true;
+                out.push((std::mem::take(&mut m.body), m.seq));
+            }
+        }
+        let mut keep = VecDeque::new();
+        for m in std::mem::take(&mut self.waiting) {
+            if &*m.channel == channel {
+                out.push((m.body, m.seq));
+            } else {
+                keep.push_back(m);
+            }
+        }
+        self.waiting = keep;
+        out.sort_by_key(|(_, seq)| *seq);
+        self.bytes -= out.iter().map(|(b, _)| b.len()).sum::<usize>();
+        out
+    }
+
+    /// Publishes handed over by another shard's outbox (`take_channel`), before the
+    /// ones waiting here (they are older).
+    pub fn give_channel(&mut self, channel: &str, items: Vec<(Bytes, u64)>) {
+        for (body, seq) in items.into_iter().rev() {
+            self.bytes += body.len();
+            self.waiting.push_front(Outgoing {
+                channel: channel.into(),
+                body,
+                sends: 0,
+                seq,
+                moved: false,
+            });
         }
     }
 
@@ -223,9 +286,17 @@ impl Outbox {
         self.expect.push_back(Expect::LoadRead);
         let mut cmds = vec![redis::cmd("INFO").arg("replication").clone()];
         cmds.extend(
-            [history::publish_script(), history::read_script()]
-                .iter()
-                .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(s).clone()),
+            [
+                if self.sharded {
+                    history::publish_script()
+                        .replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+                } else {
+                    history::publish_script()
+                },
+                history::read_script(),
+            ]
+            .iter()
+            .map(|s| redis::cmd("SCRIPT").arg("LOAD").arg(s).clone()),
         );
         cmds
     }
@@ -275,12 +346,14 @@ impl Outbox {
             return true;
         }
         self.bytes += body.len();
-        self.seq += 1;
+        let seq = self.seq.get() + 1;
+        self.seq.set(seq);
         self.waiting.push_back(Outgoing {
             channel: channel.into(),
             body,
             sends: 0,
-            seq: self.seq,
+            seq,
+            moved: false,
         });
         dropped
     }
@@ -326,12 +399,19 @@ impl Outbox {
         };
         // Consecutive waiting publishes, of any channels (on one Redis every key may
         // share a call), grouped by runs of one channel: each channel's stay in order.
+        let slot = self
+            .sharded
+            .then(|| topology::slot(first.channel.as_bytes()));
         let mut batch = vec![first];
         let mut bytes = batch[0].body.len();
         while let Some(next) = self.waiting.front() {
             if batch.len() >= BATCH_MESSAGES
                 || bytes + next.body.len() > BATCH_BYTES
                 || self.inflight.len() + batch.len() >= self.max_msgs
+                || slot.is_some_and(|s| {
+                    *next.channel != *batch[batch.len() - 1].channel
+                        && topology::slot(next.channel.as_bytes()) != s
+                })
             {
                 break;
             }
@@ -346,7 +426,7 @@ impl Outbox {
             }
         }
         let sizes: Vec<usize> = groups.iter().map(|g| g.1.len()).collect();
-        let cmd = h.publish_channels(sha, self.seq, &groups);
+        let cmd = h.publish_channels(sha, self.seq.get(), &groups);
         drop(groups);
         self.expect.push_back(Expect::Publish(sizes));
         for m in batch {
@@ -358,6 +438,15 @@ impl Outbox {
     fn launch(&mut self, mut m: Outgoing) {
         m.sends += 1;
         self.inflight.push_back(m);
+    }
+
+    /// Asks for the cluster's topology (`CLUSTER SHARDS`, or `CLUSTER SLOTS` from a
+    /// Redis older than 7): the command to send.
+    pub fn ask_topology(&mut self, slots: bool) -> redis::Cmd {
+        self.expect.push_back(Expect::Topology(slots));
+        redis::cmd("CLUSTER")
+            .arg(if slots { "SLOTS" } else { "SHARDS" })
+            .clone()
     }
 
     /// A periodic PING was written on the publish link.
@@ -426,6 +515,16 @@ impl Outbox {
                 Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => Ok(Reply::Pong),
                 other => Err(format!("unexpected PING reply {other:?}").into()),
             },
+            Some(Expect::Topology(slots)) => Ok(Reply::Topology(
+                slots,
+                match v {
+                    Value::ServerError(e) => {
+                        Err(format!("{} {}", e.code(), e.details().unwrap_or("")))
+                    }
+                    other if slots => topology::parse_slots(&other),
+                    other => topology::parse_shards(&other),
+                },
+            )),
             Some(Expect::Node) => {
                 // A Redis that refuses INFO (renamed by an operator) or gives no id
                 // still works: without fork detection.
@@ -502,6 +601,9 @@ impl Outbox {
     pub fn on_down(&mut self) -> Vec<Box<str>> {
         let mut abandoned = Vec::new();
         while let Some(m) = self.inflight.pop_back() {
+            if m.moved {
+                continue; // sent again by the shard it moved to
+            }
             if m.sends >= MAX_PUBLISH_SENDS {
                 self.bytes -= m.body.len();
                 self.abandoned += 1;

@@ -303,6 +303,29 @@ impl Positions {
         }
     }
 
+    /// The channel moves to another link (Redis Cluster: its slot moved): its
+    /// confirmed position and whether members were admitted; what was held is read
+    /// again there (counted here as nothing: it is not lost, it is read).
+    pub fn take(&mut self, channel: &str) -> Option<(Option<StreamPosition>, bool)> {
+        let c = self.chans.remove(channel)?;
+        self.hold_bytes -= c.held_bytes();
+        let pos = match c.known {
+            Known::At(p) => Some(p),
+            _ => None,
+        };
+        Some((pos, c.admitted))
+    }
+
+    /// A channel moved here from another link (`take`): it goes on from `pos` (its
+    /// first read, once confirmed, is a catch-up from there).
+    pub fn adopt(&mut self, channel: &str, pos: Option<StreamPosition>, admitted: bool) {
+        let c = self.chans.entry(channel.into()).or_insert_with(Chan::new);
+        if let Some(p) = pos {
+            c.known = Known::At(p);
+        }
+        c.admitted = admitted;
+    }
+
     /// A live message from the subscription link.
     pub fn on_message(
         &mut self,

@@ -25,6 +25,9 @@ pub struct Subscriptions {
     /// Redis channel = prefix + channel.
     prefix: String,
     subs: HashMap<Box<str>, Sub>,
+    /// Redis Cluster: shard channels (`SSUBSCRIBE`, one channel per command: channels
+    /// of different slots may not share one).
+    sharded: bool,
 }
 
 impl Subscriptions {
@@ -32,7 +35,89 @@ impl Subscriptions {
         Subscriptions {
             prefix: prefix.to_string(),
             subs: HashMap::new(),
+            sharded: false,
         }
+    }
+
+    /// Shard channels (Redis Cluster's sharded Pub/Sub).
+    pub fn sharded(mut self) -> Subscriptions {
+        self.sharded = true;
+        self
+    }
+
+    fn verb(&self, on: bool) -> &'static str {
+        match (self.sharded, on) {
+            (false, true) => "SUBSCRIBE",
+            (false, false) => "UNSUBSCRIBE",
+            (true, true) => "SSUBSCRIBE",
+            (true, false) => "SUNSUBSCRIBE",
+        }
+    }
+
+    /// Redis dropped a shard channel on its own (`sunsubscribe` with nothing pending:
+    /// its slot moved): no longer confirmed; the next `on_up` or `again` subscribes it.
+    /// Returns whether it is wanted.
+    pub fn on_lost(&mut self, redis_name: &[u8]) -> bool {
+        let Some(name) = self.local_name(redis_name) else {
+            return false;
+        };
+        match self.subs.get_mut(name) {
+            Some(s) if s.pending == 0 && s.wanted => {
+                s.confirmed = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether an acknowledgement for `redis_name` is awaited.
+    pub fn is_pending(&self, redis_name: &[u8]) -> bool {
+        self.local_name(redis_name)
+            .and_then(|n| self.subs.get(n))
+            .is_some_and(|s| s.pending > 0)
+    }
+
+    /// Wanted channels not confirmed and with nothing in flight (lost, or refused with
+    /// `MOVED`): subscribe them again (the link is up).
+    pub fn again(&mut self) -> Vec<redis::Cmd> {
+        let mut names: Vec<Box<str>> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.wanted && !s.confirmed && s.pending == 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| {
+                if let Some(s) = self.subs.get_mut(n) {
+                    s.pending = 1;
+                }
+                redis::cmd(self.verb(true)).arg(self.redis_name(n)).clone()
+            })
+            .collect()
+    }
+
+    /// A `MOVED` (or other) refusal of the oldest subscribe in flight: nothing is
+    /// confirmed for it; it stays wanted (`again` later, or it moves to another shard).
+    pub fn on_refused(&mut self) {
+        if let Some(s) = self.subs.values_mut().find(|s| s.pending > 0) {
+            s.pending -= 1;
+        }
+    }
+
+    /// Stops tracking a channel (it moves to another link): whether it was wanted.
+    pub fn forget(&mut self, channel: &str) -> bool {
+        self.subs.remove(channel).is_some_and(|s| s.wanted)
+    }
+
+    /// Wanted channels.
+    pub fn wanted(&self) -> Vec<String> {
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.wanted)
+            .map(|(n, _)| n.to_string())
+            .collect()
     }
 
     pub fn redis_name(&self, channel: &str) -> String {
@@ -55,7 +140,7 @@ impl Subscriptions {
             return None;
         }
         s.pending += 1;
-        Some(redis::cmd("SUBSCRIBE").arg(name).clone())
+        Some(redis::cmd(self.verb(true)).arg(name).clone())
     }
 
     /// The last local member left: UNSUBSCRIBE now if the link is up.
@@ -66,7 +151,7 @@ impl Subscriptions {
         s.confirmed = false;
         if link_up {
             s.pending += 1;
-            return Some(redis::cmd("UNSUBSCRIBE").arg(name).clone());
+            return Some(redis::cmd(self.verb(false)).arg(name).clone());
         }
         if s.pending == 0 {
             self.subs.remove(channel);
@@ -100,8 +185,9 @@ impl Subscriptions {
         let mut names: Vec<Box<str>> = self.subs.keys().cloned().collect();
         names.sort(); // deterministic order (tests, logs)
         let mut cmds = Vec::new();
-        for chunk in names.chunks(SUBSCRIBE_BATCH) {
-            let mut c = redis::cmd("SUBSCRIBE");
+        let batch = if self.sharded { 1 } else { SUBSCRIBE_BATCH };
+        for chunk in names.chunks(batch) {
+            let mut c = redis::cmd(self.verb(true));
             for n in chunk {
                 c.arg(self.redis_name(n));
                 if let Some(s) = self.subs.get_mut(n) {
@@ -153,8 +239,12 @@ impl Subscriptions {
 pub enum SubReply {
     /// A published message: Redis channel and payload.
     Message { channel: Vec<u8>, payload: Vec<u8> },
-    /// `subscribe` / `unsubscribe` acknowledgement for a Redis channel.
+    /// `subscribe` / `unsubscribe` acknowledgement for a Redis channel (also
+    /// `ssubscribe`, and `sunsubscribe`, which Redis also sends on its own when a shard
+    /// channel's slot moves away: `RedisLink` tells them apart).
     Ack(Vec<u8>),
+    /// An error reply (`MOVED` to a shard subscription): its text.
+    Refused(String),
     /// The answer to a PING: `+PONG` on a connection subscribed to nothing, the
     /// `["pong", ""]` push in subscribed mode.
     Pong,
@@ -169,7 +259,13 @@ pub fn classify(v: redis::Value) -> Result<SubReply, String> {
     let items = match v {
         Value::Array(items) => items,
         Value::SimpleString(s) if s.eq_ignore_ascii_case("PONG") => return Ok(SubReply::Pong),
-        Value::ServerError(e) => return Err(format!("server error: {e:?}")),
+        Value::ServerError(e) => {
+            return Ok(SubReply::Refused(format!(
+                "{} {}",
+                e.code(),
+                e.details().unwrap_or("")
+            )))
+        }
         other => return Err(format!("unexpected reply {other:?}")),
     };
     let mut it = items.into_iter();
@@ -178,13 +274,13 @@ pub fn classify(v: redis::Value) -> Result<SubReply, String> {
         other => return Err(format!("unexpected push {other:?}")),
     };
     match &kind[..] {
-        b"message" => match (it.next(), it.next()) {
+        b"message" | b"smessage" => match (it.next(), it.next()) {
             (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) => {
                 Ok(SubReply::Message { channel, payload })
             }
             _ => Err("malformed message push".to_string()),
         },
-        b"subscribe" | b"unsubscribe" => match it.next() {
+        b"subscribe" | b"unsubscribe" | b"ssubscribe" | b"sunsubscribe" => match it.next() {
             Some(Value::BulkString(ch)) => Ok(SubReply::Ack(ch)),
             _ => Err("malformed subscription acknowledgement".to_string()),
         },
@@ -226,8 +322,11 @@ mod tests {
         let other = Value::Array(vec![bulk("pmessage"), bulk("x")]);
         assert!(matches!(classify(other), Ok(SubReply::Other(_))));
         let err = redis::parse_redis_value(b"-ERR nope\r\n").expect("an error reply");
+        assert!(
+            matches!(classify(err), Ok(SubReply::Refused(_))),
+            "an error reply is the cluster's business (MOVED), or fails the link there"
+        );
         for bad in [
-            err,
             Value::Int(3),
             Value::Nil,
             Value::SimpleString("OK".into()),
@@ -237,6 +336,42 @@ mod tests {
             Value::Array(vec![bulk("subscribe")]),
         ] {
             assert!(classify(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Redis Cluster: shard channels, one per command; a `sunsubscribe` nobody asked
+    /// for (the slot moved) unconfirms the channel, and `again` subscribes it anew.
+    #[test]
+    fn shard_channels_one_per_command_and_lost_ones_again() {
+        let mut s = Subscriptions::new("p:").sharded();
+        assert!(s.want("a", false).is_none());
+        assert!(s.want("b", false).is_none());
+        let up = s.on_up();
+        assert_eq!(up.len(), 2, "one SSUBSCRIBE per channel");
+        assert!(packed(&up[0]).contains("SSUBSCRIBE") && packed(&up[0]).contains("p:a"));
+        assert_eq!(s.on_ack(b"p:a"), Some("a".into()));
+        assert_eq!(s.on_ack(b"p:b"), Some("b".into()));
+        assert!(!s.is_pending(b"p:a"));
+        assert!(s.on_lost(b"p:a"), "dropped by Redis");
+        assert!(!s.is_confirmed("a") && !s.all_confirmed());
+        let again = s.again();
+        assert_eq!(again.len(), 1);
+        assert!(packed(&again[0]).contains("p:a"));
+        assert!(s.is_pending(b"p:a"));
+        s.on_refused();
+        assert!(!s.is_pending(b"p:a"), "MOVED: nothing in flight for it");
+        assert!(s.forget("a"));
+        assert_eq!(s.wanted(), vec!["b".to_string()]);
+        let off = s.unwant("b", true).expect("SUNSUBSCRIBE");
+        assert!(packed(&off).contains("SUNSUBSCRIBE"));
+        for (kind, want) in [
+            ("smessage", true),
+            ("ssubscribe", false),
+            ("sunsubscribe", false),
+        ] {
+            let v = Value::Array(vec![bulk(kind), bulk("p:b"), bulk("x")]);
+            let r = classify(v).expect("classified");
+            assert_eq!(matches!(r, SubReply::Message { .. }), want, "{kind}");
         }
     }
 

@@ -92,7 +92,8 @@ impl RedisLink {
     fn on_pub_reply(&mut self, reply: Reply) {
         match reply {
             Reply::Published { flags } => {
-                if flags != 0 && log_due(&mut self.last_corrupt_log) {
+                // (Bit 4, a fork, is logged by the readers that cross it.)
+                if flags & 3 != 0 && log_due(&mut self.last_corrupt_log) {
                     warn!(
                         "redis: a channel's history keys were corrupt (dedupe value beyond what this instance sent, or a meta hash wsfan did not write): overwritten ({} dedupe, {} meta so far)",
                         self.outbox.corrupt_dedupe, self.outbox.corrupt_meta
@@ -105,6 +106,10 @@ impl RedisLink {
                 }
             }
             Reply::Loaded => debug!("redis: history scripts loaded"),
+            Reply::Topology(slots, r) => {
+                self.topology_asked = false;
+                self.topology = Some((slots, r));
+            }
             Reply::Range(req, r) => {
                 let r = r.map_err(|(reason, e)| {
                     if log_due(&mut self.last_refused_log) {
@@ -183,6 +188,23 @@ impl RedisLink {
                     self.count_oversize();
                 }
                 self.log_resets();
+            }
+            SubReply::Ack(ch) if self.sharded && !self.subs.is_pending(&ch) => {
+                // `sunsubscribe` from Redis itself: the slot moved away.
+                if self.subs.on_lost(&ch) {
+                    debug!("redis: a shard channel was dropped by Redis (its slot moved?)");
+                    self.trouble = true;
+                }
+            }
+            SubReply::Refused(text) => {
+                let code = text.split_whitespace().next().unwrap_or("");
+                if self.sharded && ["MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"].contains(&code) {
+                    // A subscription this node does not serve: the cluster moves it.
+                    self.subs.on_refused();
+                    self.trouble = true;
+                } else {
+                    return Err(format!("server error: {text}"));
+                }
             }
             SubReply::Ack(ch) => {
                 if let Some(name) = self.subs.on_ack(&ch) {
@@ -299,10 +321,14 @@ impl RedisLink {
             // Any data link failure asks the sentinels again: the primary may have moved.
             self.rediscover = true;
         }
+        if self.sharded {
+            self.trouble = true;
+        }
         match side {
             Side::Sentinel => {}
             Side::Sub => self.subs.on_down(),
             Side::Pub => {
+                self.topology_asked = false;
                 self.positions.on_publish_link_down();
                 self.recoveries.on_down();
                 for ch in self.outbox.on_down() {
