@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// After trouble, the topology is asked at most this often.
 const TROUBLE_REFRESH: Duration = Duration::from_millis(200);
-/// The seed link tries the next seed after this long without a topology.
-const SEED_PATIENCE: Duration = Duration::from_secs(3);
+/// With no link able to ask (or no answer yet), the next candidate node (seeds, then
+/// every node the last topology named) is tried this often.
+const SEED_PATIENCE: Duration = Duration::from_secs(1);
 
 pub struct ClusterBackplane {
     seeds: Vec<Target>,
@@ -82,7 +83,7 @@ impl ClusterBackplane {
             last_error_log: None,
             last_error: String::new(),
         };
-        c.open_seed(now);
+        c.open_seed(None, now);
         c
     }
 
@@ -106,15 +107,48 @@ impl ClusterBackplane {
         Some(i)
     }
 
-    /// A link to the next seed, to ask it for the topology.
-    fn open_seed(&mut self, now: Instant) {
-        if self.seeds.is_empty() {
+    /// Where to ask for the topology: the seeds, then every node the last topology
+    /// named (a seed may be the primary that died).
+    fn candidates(&self) -> Vec<Addr> {
+        let mut v: Vec<Addr> = self.seeds.iter().map(|t| t.addr.clone()).collect();
+        for (h, p) in self.topology.iter().flat_map(|t| t.nodes.iter()) {
+            let a = Addr::Tcp(h.clone(), *p);
+            if !v.iter().any(|x| same(x, &a)) {
+                v.push(a);
+            }
+        }
+        v
+    }
+
+    /// A link to the next candidate that has no link yet, to ask it for the topology
+    /// (the previous asking link is closed if it holds no channel).
+    fn open_seed(&mut self, registry: Option<&Registry>, now: Instant) {
+        self.seed_since = now;
+        if let (Some(i), Some(r)) = (self.seed, registry) {
+            if self.shards[i]
+                .as_ref()
+                .is_some_and(|l| l.wanted().is_empty())
+            {
+                if let Some(mut l) = self.shards[i].take() {
+                    l.close(r);
+                }
+                self.seed = None;
+            }
+        }
+        let cands = self.candidates();
+        for k in 0..cands.len() {
+            let addr = cands[(self.next_seed + k) % cands.len()].clone();
+            if self.shard_at(&addr).is_some() {
+                continue;
+            }
+            self.next_seed += k + 1;
+            let Some(mut t) = self.seeds.first().cloned() else {
+                return;
+            };
+            t.addr = addr;
+            self.seed = self.open(t);
             return;
         }
-        let target = self.seeds[self.next_seed % self.seeds.len()].clone();
-        self.next_seed += 1;
-        self.seed = self.open(target);
-        self.seed_since = now;
     }
 
     fn log_error(&mut self, why: String) {
@@ -474,7 +508,14 @@ impl Backplane for ClusterBackplane {
         for l in self.links_mut() {
             trouble |= l.take_trouble();
         }
-        if trouble {
+        // A link holding channels is down: its node may have died and another taken
+        // its slots; ask until the topology says so (its own failures come only as
+        // often as its backoff allows).
+        if trouble
+            || self
+                .links()
+                .any(|l| l.holds_channels() && !l.publish_link_up())
+        {
             self.refresh_due = self.refresh_due.min(now + TROUBLE_REFRESH);
         }
         // Answers first.
@@ -512,17 +553,7 @@ impl Backplane for ClusterBackplane {
         if (!can_ask || self.topology.is_none())
             && now.saturating_duration_since(self.seed_since) >= SEED_PATIENCE
         {
-            if let Some(i) = self.seed.take() {
-                if self.shards[i]
-                    .as_ref()
-                    .is_some_and(|l| l.wanted().is_empty())
-                {
-                    if let Some(mut l) = self.shards[i].take() {
-                        l.close(registry);
-                    }
-                }
-            }
-            self.open_seed(now);
+            self.open_seed(Some(registry), now);
             if self.topology.is_none() {
                 self.log_error(
                     "no seed node answers with a topology yet (retrying the next seed)".into(),

@@ -431,6 +431,11 @@ impl RedisLink {
         &self.target.addr
     }
 
+    /// Some channel is tracked here (wanted, or leaving).
+    pub fn holds_channels(&self) -> bool {
+        !self.subs.is_empty()
+    }
+
     /// The channels local members want here.
     pub fn wanted(&self) -> Vec<String> {
         self.subs.wanted()

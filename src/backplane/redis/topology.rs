@@ -51,6 +51,9 @@ pub struct Shard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     pub shards: Vec<Shard>,
+    /// Every node the answer named that is not failed (primaries and replicas): where
+    /// to ask next time if the node asked is gone.
+    pub nodes: Vec<(String, u16)>,
 }
 
 impl Topology {
@@ -115,6 +118,7 @@ pub fn parse_shards(v: &Value) -> Result<Topology, String> {
         return Err(format!("unexpected CLUSTER SHARDS reply {v:?}"));
     };
     let mut out = Vec::new();
+    let mut all_nodes: Vec<(String, u16)> = Vec::new();
     for s in shards {
         let slots = match field(s, "slots") {
             Some(Value::Array(b)) => b,
@@ -138,6 +142,23 @@ pub fn parse_shards(v: &Value) -> Result<Topology, String> {
             Some(Value::Array(n)) => n,
             other => return Err(format!("shard without nodes: {other:?}")),
         };
+        for n in nodes {
+            if field(n, "health").and_then(text).as_deref() == Some("fail") {
+                continue;
+            }
+            let host = field(n, "ip")
+                .or_else(|| field(n, "endpoint"))
+                .and_then(text);
+            if let (Some(h), Ok(p)) = (host, port_of(field(n, "port"))) {
+                if !h.is_empty()
+                    && h != "?"
+                    && h.len() <= 255
+                    && !all_nodes.contains(&(h.clone(), p))
+                {
+                    all_nodes.push((h, p));
+                }
+            }
+        }
         let primary = nodes.iter().find(|n| {
             field(n, "role").and_then(text).as_deref() == Some("master")
                 && field(n, "health").and_then(text).as_deref() != Some("fail")
@@ -157,7 +178,10 @@ pub fn parse_shards(v: &Value) -> Result<Topology, String> {
             slots: ranges,
         });
     }
-    check(Topology { shards: out })
+    check(Topology {
+        shards: out,
+        nodes: all_nodes,
+    })
 }
 
 /// `CLUSTER SLOTS`: `[start, end, [ip, port, id…], replicas…]` per range.
@@ -166,6 +190,7 @@ pub fn parse_slots(v: &Value) -> Result<Topology, String> {
         return Err(format!("unexpected CLUSTER SLOTS reply {v:?}"));
     };
     let mut out: Vec<Shard> = Vec::new();
+    let mut all_nodes: Vec<(String, u16)> = Vec::new();
     for r in ranges {
         let Value::Array(items) = r else {
             return Err(format!("unexpected slot range {r:?}"));
@@ -185,6 +210,15 @@ pub fn parse_slots(v: &Value) -> Result<Topology, String> {
             .filter(|h| !h.is_empty() && h != "?" && h.len() <= 255)
             .ok_or_else(|| "node without an address".to_string())?;
         let port = port_of(node.get(1))?;
+        for n in items[2..].iter() {
+            if let Value::Array(n) = n {
+                if let (Some(h), Ok(p)) = (n.first().and_then(text), port_of(n.get(1))) {
+                    if !h.is_empty() && h != "?" && !all_nodes.contains(&(h.clone(), p)) {
+                        all_nodes.push((h, p));
+                    }
+                }
+            }
+        }
         match out.iter_mut().find(|s| s.host == host && s.port == port) {
             Some(s) => s.slots.push((a, b)),
             None => out.push(Shard {
@@ -194,7 +228,10 @@ pub fn parse_slots(v: &Value) -> Result<Topology, String> {
             }),
         }
     }
-    check(Topology { shards: out })
+    check(Topology {
+        shards: out,
+        nodes: all_nodes,
+    })
 }
 
 /// No slot claimed twice; at least one slot served.
@@ -288,6 +325,12 @@ mod tests {
             "the failed one is skipped"
         );
         assert_eq!(t.owner(16383).map(|s| s.port), Some(7002));
+        assert_eq!(
+            t.nodes.len(),
+            4,
+            "the failed one is no place to ask: {:?}",
+            t.nodes
+        );
         let overlap = Value::Array(vec![
             shard(&[0, 100], vec![node("a", 1, "master", "online")]),
             shard(&[100, 200], vec![node("b", 2, "master", "online")]),
