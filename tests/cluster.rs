@@ -6,9 +6,14 @@ use common::*;
 use std::collections::HashMap;
 
 fn instance(cluster: &Cluster) -> Wsfan {
+    instance_with(cluster, &[])
+}
+
+fn instance_with(cluster: &Cluster, extra: &[&str]) -> Wsfan {
     let url = cluster.seed_url();
     let mut args = vec!["--redis-cluster", url.as_str()];
     args.extend_from_slice(FAST_FAILOVER);
+    args.extend_from_slice(extra);
     Wsfan::start(&args)
 }
 
@@ -62,6 +67,26 @@ fn spread(cluster: &Cluster, per: usize) -> Vec<String> {
     let mut all: Vec<String> = by.into_values().flatten().collect();
     all.sort();
     all
+}
+
+/// With history off (`--history-size 0`) a publish is a plain `SPUBLISH`: every
+/// channel, on every primary, still reaches both instances.
+#[test]
+fn history_off_publishes_to_shard_channels() {
+    let cluster = Cluster::start(3);
+    let a = instance_with(&cluster, &["--history-size", "0"]);
+    let b = instance_with(&cluster, &["--history-size", "0"]);
+    eventually(20.0, "both ready", || {
+        a.status("/readyz") == 200 && b.status("/readyz") == 200
+    });
+    let channels = spread(&cluster, 1);
+    for ch in &channels {
+        let mut ca = connect(&a.url(&format!("/ws/{ch}")));
+        let mut cb = connect(&b.url(&format!("/ws/{ch}")));
+        send_text(&mut ca, ch);
+        assert_eq!(recv_text(&mut ca), *ch);
+        assert_eq!(recv_text(&mut cb), *ch);
+    }
 }
 
 /// Two instances on one cluster: channels on all three primaries (each subscribed by

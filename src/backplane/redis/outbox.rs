@@ -389,7 +389,9 @@ impl Outbox {
         }
         let first = self.waiting.pop_front()?;
         let (Some(h), Some(sha)) = (&self.history, &self.shas.publish) else {
-            let cmd = redis::cmd("PUBLISH")
+            // History off: a plain publish (sharded on a cluster, where the
+            // subscription links SSUBSCRIBE).
+            let cmd = redis::cmd(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
                 .arg(&*first.channel)
                 .arg(&first.body[..])
                 .clone();
