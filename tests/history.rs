@@ -516,6 +516,8 @@ fn a_burst_behind_a_gap_overflows_the_hold_and_is_read_from_history() {
         max_entry: 70_000,
         key: None,
         node: String::new(),
+        node2: String::new(),
+        myid: String::new(),
     };
     let mut p = redis::pipe();
     for i in 1..=2000u64 {

@@ -474,6 +474,8 @@ fn a_re_send_after_others_kept_the_channel_alive_is_not_stored_twice() {
         max_entry: 1000,
         key: None,
         node: String::new(),
+        node2: String::new(),
+        myid: String::new(),
     };
     let call = |r: &mut redis::Connection, h: &History, seq: u64| -> (u64, u64) {
         let per_channel: Vec<(u64, u64)> = h

@@ -43,6 +43,8 @@ pub fn history(n: usize, gap: usize) {
         max_entry: 65_538,
         key: None,
         node: String::new(),
+        node2: String::new(),
+        myid: String::new(),
     };
     let scripted = pipelined(&mut conn, n, &|k| {
         h.publish(&sha, "bench", 1 << 50, &[(k as u64 + 1, &body[..])])
@@ -72,6 +74,8 @@ pub fn history(n: usize, gap: usize) {
     let keyed_h = history::History {
         key: wsfan::envelope::HistoryKey::new(b"a shared secret of 32 bytes....."),
         node: String::new(),
+        node2: String::new(),
+        myid: String::new(),
         instance: "bench-keyed".into(),
         ..h.clone()
     };

@@ -55,6 +55,8 @@ fn publish(redis: &common::Redis, channel: &str, n: usize) {
         max_entry: 65_538,
         key: None,
         node: String::new(),
+        node2: String::new(),
+        myid: String::new(),
     };
     let body = format!("{{\"m\":\"{}\"}}", "x".repeat(54));
     let mut done = 0;

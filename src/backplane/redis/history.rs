@@ -55,7 +55,8 @@ use redis::Value;
 /// instance, the highest sequence number this instance ever gave out, the
 /// `--history-key` pads `ikey` and `okey` (empty: no key; see `envelope`), the
 /// replication id of the Redis the call goes to (`node`; empty: unknown, no fork
-/// detection), then for each channel: its name, n, and n pairs of sequence number and
+/// detection), its previous one (`master_replid2`: a promoted replica's old primary),
+/// its cluster node id (empty outside a cluster), then for each channel: its name, n, and n pairs of sequence number and
 /// payload (that channel's publishes, in order).
 ///
 /// One call carries the publishes of several channels (`Outbox::send_next`): the Lua
@@ -71,6 +72,7 @@ use redis::Value;
 pub const PUBLISH_SCRIPT: &str = r#"
 local size, ttl, field = ARGV[1], tonumber(ARGV[2]), 'p:' .. ARGV[3]
 local maxseq, ikey, okey, node = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local node2, myid = ARGV[8], ARGV[9]
 local half = math.floor(ttl / 2)
 local expiry = ttl + half
 local now = tonumber(redis.call('TIME')[1])
@@ -84,7 +86,7 @@ local function refused(err)
   return {-1, err}
 end
 local function group(meta, stream, channel, n, base)
-  local m = redis.pcall('HMGET', meta, 'e', 's', field, 'x', 'g')
+  local m = redis.pcall('HMGET', meta, 'e', 's', field, 'x', 'g', 'n')
   if m.err then return refused(m.err) end
   local flags = 0
   local seen = 0
@@ -96,7 +98,10 @@ local function group(meta, stream, channel, n, base)
   if tonumber(ARGV[base + 2 * n - 2]) <= seen then return {0, flags} end
   local epoch, top = m[1], tonumber(m[2] or '0')
   local x = tonumber(m[4] or '')
-  local renew = node ~= '' and m[5] ~= node
+  local renew = node ~= '' and (m[5] ~= node or (myid ~= '' and m[6] ~= myid))
+  -- In a cluster, keys that came from another node which this one never replicated
+  -- (not its old primary) were moved whole by MIGRATE: no tail can be missing.
+  local migrated = myid ~= '' and m[6] and m[6] ~= myid and m[5] ~= node2
   local fork = nil
   if not epoch or #epoch > 32 or not string.match(epoch, '^[0-9a-z]+$')
      or not top or top < 0 or top ~= math.floor(top) or top > MAX_OFFSET - n then
@@ -107,7 +112,7 @@ local function group(meta, stream, channel, n, base)
     if type(d) == 'table' and d.err then return refused(d.err) end
     top = 0
     renew = true
-  elseif node ~= '' and m[5] and m[5] ~= node then
+  elseif node ~= '' and m[5] and m[5] ~= node and not migrated then
     -- Another Redis wrote this history last (a promoted replica, or a restart): it may
     -- lack the old one's tail, whose offsets must not be given out again as if they
     -- were the same messages. A new epoch forks off at the top: readers that were in
@@ -175,6 +180,7 @@ local function group(meta, stream, channel, n, base)
   if renew or not x or x > now or now - x >= half then
     redis.call('HSET', meta, 'e', epoch, 's', top_s, field, last .. ':' .. now, 'x', now)
     if node ~= '' then redis.call('HSET', meta, 'g', node) end
+    if myid ~= '' then redis.call('HSET', meta, 'n', myid) end
     if fork then
       redis.call('HSET', meta, 'pe', fork[1], 'pf', string.format('%d', fork[2]),
         'b', string.format('%d', fork[2] + 1))
@@ -187,7 +193,7 @@ local function group(meta, stream, channel, n, base)
   return {off, flags}
 end
 local out = {}
-local a = 8
+local a = 10
 for g = 1, #KEYS / 2 do
   local n = tonumber(ARGV[a + 1])
   local r = group(KEYS[2 * g - 1], KEYS[2 * g], ARGV[a], n, a + 2)
@@ -337,6 +343,11 @@ pub struct History {
     /// publish link is on, asked each time it comes up; empty: unknown (no fork
     /// detection).
     pub node: String,
+    /// That Redis's `master_replid2` (the primary it replicated before a promotion).
+    pub node2: String,
+    /// That Redis's `CLUSTER MYID` (empty outside a cluster): keys that arrive from
+    /// another node it never replicated came by `MIGRATE`, whole: no fork.
+    pub myid: String,
 }
 
 /// The SHAs `SCRIPT LOAD` returned, once both are loaded.
@@ -393,7 +404,7 @@ impl History {
             Some(k) => c.arg(&k.ikey[..]).arg(&k.okey[..]),
             None => c.arg("").arg(""),
         };
-        c.arg(&self.node);
+        c.arg(&self.node).arg(&self.node2).arg(&self.myid);
         for (ch, items) in groups {
             c.arg(*ch).arg(items.len());
             for (seq, body) in items {
@@ -452,14 +463,26 @@ pub enum ChannelResult {
 /// The `master_replid` in an `INFO replication` reply: 40 hex digits (Redis gives a
 /// new one on every start and on a replica's promotion). `None` if absent or odd.
 pub fn replication_id(v: &Value) -> Option<String> {
+    info_field(v, "master_replid")
+}
+
+/// The `master_replid2` in an `INFO replication` reply (all zeros when the node was
+/// never promoted).
+pub fn previous_replication_id(v: &Value) -> Option<String> {
+    info_field(v, "master_replid2")
+}
+
+fn info_field(v: &Value, name: &str) -> Option<String> {
     let text = match v {
         Value::BulkString(b) => std::str::from_utf8(b).ok()?,
         Value::VerbatimString { text, .. } => text.as_str(),
         _ => return None,
     };
-    let id = text
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix("master_replid:"))?;
+    let id = text.lines().find_map(|l| {
+        l.trim_end()
+            .strip_prefix(name)
+            .and_then(|r| r.strip_prefix(':'))
+    })?;
     (id.len() == 40 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
@@ -648,6 +671,8 @@ mod tests {
             max_entry: 100,
             key: None,
             node: String::new(),
+            node2: String::new(),
+            myid: String::new(),
         };
         let c = String::from_utf8(
             h.publish("sha", "p:room", 7, &[(7, b"x")])

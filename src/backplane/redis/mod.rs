@@ -250,6 +250,8 @@ impl RedisLink {
                 max_entry: s.max_payload + 2,
                 key: s.history_key.clone(),
                 node: String::new(),
+                node2: String::new(),
+                myid: String::new(),
             });
         }
         let conn = |name, token, max_bulk| Conn {

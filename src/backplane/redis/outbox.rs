@@ -36,6 +36,8 @@ enum Expect {
     Ping,
     /// `INFO replication`: the replication id the publish script is given.
     Node,
+    /// `CLUSTER MYID` (sharded links).
+    MyId,
     /// `CLUSTER SHARDS` (`false`) or `CLUSTER SLOTS` (`true`).
     Topology(bool),
     LoadPublish,
@@ -281,10 +283,16 @@ impl Outbox {
         };
         // Asked again on every connect: it may be another Redis now.
         h.node.clear();
+        h.node2.clear();
+        h.myid.clear();
+        let mut cmds = vec![redis::cmd("INFO").arg("replication").clone()];
         self.expect.push_back(Expect::Node);
+        if self.sharded {
+            cmds.push(redis::cmd("CLUSTER").arg("MYID").clone());
+            self.expect.push_back(Expect::MyId);
+        }
         self.expect.push_back(Expect::LoadPublish);
         self.expect.push_back(Expect::LoadRead);
-        let mut cmds = vec![redis::cmd("INFO").arg("replication").clone()];
         cmds.extend(
             [
                 if self.sharded {
@@ -532,6 +540,16 @@ impl Outbox {
                 // still works: without fork detection.
                 if let Some(h) = self.history.as_mut() {
                     h.node = history::replication_id(&v).unwrap_or_default();
+                    h.node2 = history::previous_replication_id(&v).unwrap_or_default();
+                }
+                Ok(Reply::Nothing)
+            }
+            Some(Expect::MyId) => {
+                if let (Some(h), Value::BulkString(id)) = (self.history.as_mut(), &v) {
+                    h.myid = String::from_utf8(id.clone())
+                        .ok()
+                        .filter(|i| i.len() == 40 && i.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .unwrap_or_default();
                 }
                 Ok(Reply::Nothing)
             }
@@ -721,20 +739,27 @@ mod tests {
             max_entry: 100,
             key: None,
             node: String::new(),
+            node2: String::new(),
+            myid: String::new(),
         });
         assert_eq!(o.on_up().len(), 3, "INFO replication, SCRIPT LOAD twice");
         assert!(
             !o.can_send() && o.send_next().is_none(),
             "not before the SHAs"
         );
-        let info = "# Replication\r\nrole:master\r\nmaster_replid:0123456789abcdef0123456789abcdef01234567\r\n";
+        let info = "# Replication\r\nrole:master\r\nmaster_replid:0123456789abcdef0123456789abcdef01234567\r\nmaster_replid2:fedcba9876543210fedcba9876543210fedcba98\r\n";
         assert_eq!(
             o.on_reply(Value::BulkString(info.as_bytes().to_vec())),
             Ok(Reply::Nothing)
         );
         assert_eq!(
-            o.history.as_ref().map(|h| h.node.as_str()),
-            Some("0123456789abcdef0123456789abcdef01234567")
+            o.history
+                .as_ref()
+                .map(|h| (h.node.as_str(), h.node2.as_str())),
+            Some((
+                "0123456789abcdef0123456789abcdef01234567",
+                "fedcba9876543210fedcba9876543210fedcba98"
+            ))
         );
         assert_eq!(
             o.on_reply(Value::BulkString(b"sha1".to_vec())),
