@@ -14,7 +14,9 @@
 //! |                  | `memory` (standalone, the short example; `memory::history`) and |
 //! |                  | `redis` (sans-IO cores `health`, `subs`, `outbox`, `positions`  |
 //! |                  | = gap repair; the scripts `history`; the I/O shell `mod`,       |
-//! |                  | `wire`; RESP framing with a size cap `resp`; `target` the URL)  |
+//! |                  | `wire`; RESP framing with a size cap `resp`; `target` the URL;  |
+//! |                  | `topology`: slots, `sentinel`, `cluster` = Redis Cluster as     |
+//! |                  | one backplane of shard links)                                   |
 //! | [`protocol`]     | client protocols: `Proto` (plain, Centrifugo), `centrifugo` codec |
 //! | [`config`]       | every flag declared once (`FLAGS`): default, help, parser       |
 //! | [`token`]        | reserved poll tokens, the backplane's range among them (leaf)   |

@@ -2,7 +2,7 @@
 //! without. The only place that names both.
 
 use crate::backplane::memory::{history::MemHistory, LocalBus};
-use crate::backplane::redis::cluster::ClusterBackplane;
+use crate::backplane::redis::topology::cluster::ClusterBackplane;
 use crate::backplane::redis::{health::Timing, RedisLink, Settings, ShardOf};
 use crate::backplane::Backplane;
 use crate::config::Config;

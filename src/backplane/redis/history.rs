@@ -2,13 +2,25 @@
 //! that call them. Sans-IO: builds commands and parses replies.
 //!
 //! For Redis channel `C` (prefix included), all keys share the hash tag `{C}`, so a
-//! later Redis Cluster keeps a channel's keys (and its shard channel) in one slot:
+//! Redis Cluster keeps a channel's keys (and its shard channel `C`) in one slot:
 //!
 //! | key      | type   | holds                                                          |
 //! |----------|--------|----------------------------------------------------------------|
 //! | `{C}:m`  | hash   | `e` the epoch, `s` the top offset, `x` the last TTL refresh    |
-//! |          |        | (Redis `TIME`, s), `p:<inst>` = `<seq>:<time>` per instance      |
+//! |          |        | (Redis `TIME`, s), `p:<inst>` = `<seq>:<time>` per instance,   |
+//! |          |        | `g` / `n` the replication id / cluster node id that wrote it,  |
+//! |          |        | after a fork `pe`, `pf`, `b` (epoch and offset it forked from, |
+//! |          |        | first offset of this epoch)                                    |
 //! | `{C}:s`  | stream | entry id `<offset>-0`, field `d` = the payload                 |
+//!
+//! **Forks.** A Redis that takes over without the old one's tail (a promoted replica,
+//! a restart that lost writes) would give the tail's offsets to new messages. A publish
+//! whose Redis (its `master_replid`) is not the one that wrote the meta hash (`g`)
+//! starts a new epoch that continues the offsets from the top it has, and records where
+//! it forked; the read script lets a reader of the old epoch go on from there (so new
+//! messages are not taken for duplicates). In a cluster, keys that arrived on a node
+//! that never replicated their writer (`n` differs and `master_replid2` is not `g`)
+//! came by `MIGRATE`, whole: no fork.
 //!
 //! Both are kept at least `--history-ttl` seconds after the last publish *by any
 //! instance*, and at most one and a half times that: a publish refreshes both TTLs (to

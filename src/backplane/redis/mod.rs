@@ -20,20 +20,22 @@
 //! is this file (the `Backplane` face: events, ticks, stats) and `wire` (reading values
 //! into the cores, and each link's connect / handshake / fail as they direct).
 //!
+//! Where Redis is, beyond one address, is [`topology`]'s: `sentinel` (a third link
+//! that asks the sentinels and follows the primary) and `cluster` (a `RedisLink` per
+//! primary in sharded mode, behind one `Backplane` face).
+//!
 //! Commands are encoded with the redis crate; replies are read into a bounded buffer per
 //! connection, framed by [`resp`] (which skips a message larger than
 //! `--max-message-size` as it streams past) and parsed by the connection's
 //! `redis::Parser`. A host name is looked up by a child process (`transport::Resolver`),
 //! never on the loop.
 
-pub mod cluster;
 pub mod health;
 pub mod history;
 pub mod outbox;
 pub mod positions;
 pub mod recovery;
 pub mod resp;
-pub mod sentinel;
 pub mod subs;
 pub mod target;
 pub mod topology;
@@ -56,10 +58,10 @@ use mio::Registry;
 use outbox::Outbox;
 use positions::Positions;
 use recovery::Recoveries;
-use sentinel::Sentinels;
 use std::time::{Duration, Instant};
 use subs::Subscriptions;
 use target::Target;
+use topology::sentinel::Sentinels;
 use transport::{Link, Progress, Stream};
 
 /// At most one line per this interval for warnings that could flood the log.

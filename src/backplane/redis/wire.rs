@@ -4,9 +4,9 @@
 use super::health::{self, Due};
 use super::outbox::{self, Reply};
 use super::resp::Next;
-use super::sentinel::{self, Heard};
 use super::subs::{self, SubReply};
 use super::target::{Addr, Target};
+use super::topology::sentinel::{self, Heard};
 use super::transport::{self, Stream};
 use super::{log_due, RedisLink, Side, FAILURE_LOG_EVERY, NO_PRIMARY_RETRY, REDISCOVER_EVERY};
 use crate::backplane::BusEvent;

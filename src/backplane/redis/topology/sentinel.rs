@@ -10,7 +10,7 @@
 //! on the next sentinel). A sentinel that does not know the master, or answers
 //! nonsense, fails its link: the next one is asked after the backoff.
 
-use super::target::Sentinel;
+use super::super::target::Sentinel;
 use redis::Value;
 
 /// Where the sentinel link is in its conversation.

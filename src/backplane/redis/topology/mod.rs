@@ -1,7 +1,12 @@
-//! Redis Cluster topology, sans-IO: the hash slot of a key, and which primary serves
+//! Where Redis is beyond one address: `sentinel` (a primary found and followed
+//! through Redis Sentinel) and `cluster` (Redis Cluster as one backplane), and here
+//! the cluster's topology, sans-IO: the hash slot of a key, and which primary serves
 //! which slots, parsed from `CLUSTER SHARDS` (Redis ≥ 7) or `CLUSTER SLOTS` (older).
 //! Everything a node says is input: a reply that does not cover slots with sane
 //! addresses is an error, never a partial table taken on trust.
+
+pub mod cluster;
+pub mod sentinel;
 
 use redis::Value;
 

@@ -15,9 +15,9 @@
 //! and its unacknowledged publishes (slot migration). Either way the channel reads its
 //! gap from history on the new node.
 
-use super::target::{Addr, Target};
-use super::topology::{self, Topology};
-use super::{RedisLink, Settings, ShardOf};
+use super::super::target::{Addr, Target};
+use super::super::{RedisLink, Settings, ShardOf};
+use super::{self as topology, Topology};
 use crate::backplane::{Backplane, BusEvent, BusStats, HistoryStats, Recovery};
 use crate::hub::Interest;
 use crate::message::StreamPosition;
