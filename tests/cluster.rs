@@ -17,32 +17,19 @@ fn instance_with(cluster: &Cluster, extra: &[&str]) -> Wsfan {
     Wsfan::start(&args)
 }
 
+/// One client per channel on `w`.
+fn clients(w: &Wsfan, channels: &[String]) -> Vec<Ws> {
+    channels
+        .iter()
+        .map(|c| connect(&w.url(&format!("/ws/{c}"))))
+        .collect()
+}
+
 /// Channel names whose slots fall on every primary (at least `per` on each).
 fn spread(cluster: &Cluster, per: usize) -> Vec<String> {
     let primaries = cluster.primaries();
-    let slots_of = |port: u16| -> Vec<(u16, u16)> {
-        let shards: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query(&mut cluster.node(port).conn())
-            .expect("CLUSTER SLOTS");
-        shards
-            .iter()
-            .filter_map(|r| match r {
-                redis::Value::Array(a) => match (&a[0], &a[1], &a[2]) {
-                    (redis::Value::Int(s), redis::Value::Int(e), redis::Value::Array(n))
-                        if n.get(1) == Some(&redis::Value::Int(port as i64)) =>
-                    {
-                        Some((*s as u16, *e as u16))
-                    }
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    };
+    let ranges = cluster.slot_ranges();
     let mut by: HashMap<u16, Vec<String>> = HashMap::new();
-    let ranges: Vec<(u16, Vec<(u16, u16)>)> =
-        primaries.iter().map(|p| (*p, slots_of(*p))).collect();
     for i in 0.. {
         let ch = format!("room{i}");
         let slot = cluster.keyslot(&ch);
@@ -53,8 +40,8 @@ fn spread(cluster: &Cluster, per: usize) -> Vec<String> {
         );
         let owner = ranges
             .iter()
-            .find(|(_, r)| r.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-            .map(|(p, _)| *p)
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|(_, _, p)| *p)
             .expect("every slot served");
         let v = by.entry(owner).or_default();
         if v.len() < per {
@@ -101,14 +88,7 @@ fn two_instances_share_channels_on_every_primary() {
         a.status("/readyz") == 200 && b.status("/readyz") == 200
     });
     let channels = spread(&cluster, 3);
-    let mut on_a: Vec<Ws> = channels
-        .iter()
-        .map(|c| connect(&a.url(&format!("/ws/{c}"))))
-        .collect();
-    let mut on_b: Vec<Ws> = channels
-        .iter()
-        .map(|c| connect(&b.url(&format!("/ws/{c}"))))
-        .collect();
+    let (mut on_a, mut on_b) = (clients(&a, &channels), clients(&b, &channels));
     for round in 0..5 {
         for (i, c) in on_a.iter_mut().enumerate() {
             send_text(c, &format!("{} a{round}", channels[i]));
@@ -152,14 +132,7 @@ fn a_killed_primary_s_replica_takes_over() {
         a.status("/readyz") == 200 && b.status("/readyz") == 200
     });
     let channels = spread(&cluster, 2);
-    let mut on_a: Vec<Ws> = channels
-        .iter()
-        .map(|c| connect(&a.url(&format!("/ws/{c}"))))
-        .collect();
-    let mut on_b: Vec<Ws> = channels
-        .iter()
-        .map(|c| connect(&b.url(&format!("/ws/{c}"))))
-        .collect();
+    let (mut on_a, mut on_b) = (clients(&a, &channels), clients(&b, &channels));
     let everyone = |on_a: &mut [Ws], on_b: &mut [Ws], m: &str| {
         for (i, c) in on_a.iter_mut().enumerate() {
             send_text(c, &format!("{} {m}", channels[i]));
@@ -266,27 +239,7 @@ fn a_busy_channel_s_slot_migrates_without_loss_or_duplicates() {
     });
     let ch = "busy";
     let slot = cluster.keyslot(ch);
-    let owner_of = |slot: u16| -> u16 {
-        let shards: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query(&mut cluster.nodes[0].conn())
-            .expect("SLOTS");
-        for r in shards {
-            if let redis::Value::Array(a) = r {
-                if let (redis::Value::Int(s), redis::Value::Int(e), redis::Value::Array(n)) =
-                    (&a[0], &a[1], &a[2])
-                {
-                    if (*s..=*e).contains(&(slot as i64)) {
-                        if let Some(redis::Value::Int(p)) = n.get(1) {
-                            return *p as u16;
-                        }
-                    }
-                }
-            }
-        }
-        panic!("slot {slot} unserved");
-    };
-    let from = owner_of(slot);
+    let from = cluster.owner(slot);
     let to = *cluster
         .primaries()
         .iter()

@@ -78,6 +78,18 @@ impl Proxy {
     }
 }
 
+/// A replica of the Redis on `port`, loading its primary's data from the socket (not
+/// a dump.rdb in the working directory).
+fn replica_of(port: &str) -> Redis {
+    Redis::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        port,
+        "--repl-diskless-load",
+        "on-empty-db",
+    ])
+}
+
 impl Group {
     fn start() -> Group {
         Self::start_via(None)
@@ -91,14 +103,7 @@ impl Group {
             None => primary.port,
         }
         .to_string();
-        // Loaded from the socket, not a dump.rdb in the working directory.
-        let replica = Redis::start_with(&[
-            "--replicaof",
-            "127.0.0.1",
-            &port,
-            "--repl-diskless-load",
-            "on-empty-db",
-        ]);
+        let replica = replica_of(&port);
         eventually(10.0, "the replica is in sync", || {
             let info: String = redis::cmd("INFO")
                 .arg("replication")
@@ -342,13 +347,7 @@ fn a_promoted_replica_that_missed_the_tail_delivers_what_is_new() {
 fn a_replica_named_as_primary_is_never_used() {
     let primary = Redis::start();
     let port = primary.port.to_string();
-    let replica = Redis::start_with(&[
-        "--replicaof",
-        "127.0.0.1",
-        &port,
-        "--repl-diskless-load",
-        "on-empty-db",
-    ]);
+    let replica = replica_of(&port);
     let liar = TcpListener::bind("127.0.0.1:0").expect("bind");
     let liar_port = liar.local_addr().expect("addr").port();
     let named = replica.port;

@@ -590,6 +590,17 @@ fn ttl(redis: &Redis, key: &str) -> i64 {
         .expect("TTL")
 }
 
+/// Both keys' TTLs set to 100 s (far above what wsfan sets: a refresh shows).
+fn expire_100(redis: &Redis, meta: &str, stream: &str) {
+    for key in [meta, stream] {
+        let _: () = redis::cmd("EXPIRE")
+            .arg(key)
+            .arg(100)
+            .query(&mut redis.conn())
+            .expect("EXPIRE");
+    }
+}
+
 fn hset(redis: &Redis, key: &str, field: &str, value: &str) {
     let _: () = redis::cmd("HSET")
         .arg(key)
@@ -621,23 +632,11 @@ fn ttls_are_refreshed_when_due_and_never_left_behind() {
     };
     fresh(&redis);
     // Refreshed moments ago: a publish leaves the TTLs alone (no EXPIRE per call).
-    for key in [&m, &s] {
-        let _: () = redis::cmd("EXPIRE")
-            .arg(key)
-            .arg(100)
-            .query(&mut redis.conn())
-            .expect("EXPIRE");
-    }
+    expire_100(&redis, &m, &s);
     next_is_own(&mut c, "no refresh due");
     assert!(ttl(&redis, &m) > 90 && ttl(&redis, &s) > 90);
     for x in ["1", "99999999999", "garbage"] {
-        for key in [&m, &s] {
-            let _: () = redis::cmd("EXPIRE")
-                .arg(key)
-                .arg(100)
-                .query(&mut redis.conn())
-                .expect("EXPIRE");
-        }
+        expire_100(&redis, &m, &s);
         hset(&redis, &m, "x", x);
         next_is_own(&mut c, &format!("refresh time {x}"));
         fresh(&redis);
@@ -773,15 +772,7 @@ fn many_channels_share_script_calls_and_a_bad_one_is_refused_alone() {
 
 /// EVALSHA calls Redis has run (`INFO commandstats`).
 fn redis_calls(redis: &Redis) -> f64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.conn())
-        .expect("INFO");
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split(&[':', ',']).find_map(|f| f.strip_prefix("calls=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    redis_cmd_calls(redis, "evalsha")
 }
 
 /// Issue 18, batching across channels keeps exactly-once: 1,000 channels, one message

@@ -81,26 +81,14 @@ pub fn failover_default_timeout() {
     common::eventually(20.0, "ready", || w.status("/readyz") == 200);
     let victim = cluster.primaries()[0];
     // A channel the victim serves.
+    let ranges = cluster.slot_ranges();
     let ch = (0..)
         .map(|i| format!("fo{i}"))
         .find(|c| {
             let slot = cluster.keyslot(c);
-            let owner: redis::Value = redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query(&mut cluster.node(victim).conn())
-                .expect("SLOTS");
-            let redis::Value::Array(ranges) = owner else {
-                return false;
-            };
-            ranges.iter().any(|r| match r {
-                redis::Value::Array(a) => matches!(
-                    (&a[0], &a[1], &a[2]),
-                    (redis::Value::Int(s), redis::Value::Int(e), redis::Value::Array(n))
-                        if (*s..=*e).contains(&(slot as i64))
-                            && n.get(1) == Some(&redis::Value::Int(victim as i64))
-                ),
-                _ => false,
-            })
+            ranges
+                .iter()
+                .any(|(s, e, p)| *p == victim && (*s..=*e).contains(&slot))
         })
         .expect("a channel on the victim");
     let mut c = connect(&w.url(&format!("/ws/{ch}")));

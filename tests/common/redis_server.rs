@@ -356,6 +356,42 @@ impl Cluster {
             .expect("KEYSLOT")
     }
 
+    /// Slot ranges and the port of the primary serving each (`CLUSTER SLOTS`, asked of
+    /// a live primary).
+    pub fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
+        let port = self.primaries()[0];
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut self.node(port).conn())
+            .expect("CLUSTER SLOTS");
+        ranges
+            .iter()
+            .filter_map(|r| match r {
+                redis::Value::Array(a) => match (a.first(), a.get(1), a.get(2)) {
+                    (
+                        Some(redis::Value::Int(s)),
+                        Some(redis::Value::Int(e)),
+                        Some(redis::Value::Array(n)),
+                    ) => match n.get(1) {
+                        Some(redis::Value::Int(p)) => Some((*s as u16, *e as u16, *p as u16)),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The port of the primary serving `slot` now.
+    pub fn owner(&self, slot: u16) -> u16 {
+        self.slot_ranges()
+            .into_iter()
+            .find(|(s, e, _)| (*s..=*e).contains(&slot))
+            .map(|(_, _, p)| p)
+            .expect("every slot served")
+    }
+
     /// Subscribers of each shard channel on the node at `port`.
     pub fn shardnumsub(&self, port: u16, channels: &[String]) -> Vec<i64> {
         let v: Vec<redis::Value> = redis::cmd("PUBSUB")

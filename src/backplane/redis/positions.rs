@@ -546,33 +546,13 @@ impl Positions {
     /// what was held of the old one is missed, counted and logged as a reset, and the
     /// position starts over (the new epoch from offset 0, or no history at all).
     fn begin_again(&mut self, channel: &str, new: Option<Epoch>) {
-        let Some(c) = self.chans.get_mut(channel) else {
-            return;
-        };
-        let Known::At(p) = &c.known else {
-            return;
-        };
-        let old = p.epoch.clone();
-        self.stats.missed += c.hold.len() as u64 + u64::from(c.behind.is_some());
-        self.hold_bytes -= c
-            .hold
-            .values()
-            .map(|h| h.body.len() + HELD_OVERHEAD)
-            .sum::<usize>();
-        c.hold.clear();
-        c.behind = None;
-        c.known = match &new {
+        let to = match &new {
             Some(e) => Known::At(StreamPosition::new(e.clone(), 0)),
             None => Known::Empty,
         };
-        self.stats.resets += 1;
-        self.gaps.push(channel.to_string());
-        self.resets.push(Reset {
-            channel: channel.to_string(),
-            old,
-            new,
-            fork: None,
-        });
+        if self.leave_epoch(channel, to, None) {
+            self.stats.resets += 1;
+        }
     }
 
     /// The history forked at offset `at` into `new` (another Redis took over, lacking
@@ -582,17 +562,26 @@ impl Positions {
     /// from a tail Redis no longer has: counted (`fork_lost`), with what it held of
     /// that tail (missed).
     fn fork(&mut self, channel: &str, at: u64, new: Epoch) {
+        let last = self.chans.get(channel).map_or(0, Chan::last);
+        let lost = last.saturating_sub(at);
+        let to = Known::At(StreamPosition::new(new, last.min(at)));
+        if self.leave_epoch(channel, to, Some((at, lost))) {
+            self.stats.forks += 1;
+            self.stats.fork_lost += lost;
+        }
+    }
+
+    /// The position leaves its epoch for `to` (a reset, or a fork at `fork`): what was
+    /// held of the old epoch is missed, clients keeping positions are told (a gap), and
+    /// it is logged. Returns whether the channel had a position to leave.
+    fn leave_epoch(&mut self, channel: &str, to: Known, fork: Option<(u64, u64)>) -> bool {
         let Some(c) = self.chans.get_mut(channel) else {
-            return;
+            return false;
         };
         let Known::At(p) = &c.known else {
-            return;
+            return false;
         };
         let old = p.epoch.clone();
-        let last = p.offset;
-        let lost = last.saturating_sub(at);
-        self.stats.forks += 1;
-        self.stats.fork_lost += lost;
         self.stats.missed += c.hold.len() as u64 + u64::from(c.behind.is_some());
         self.hold_bytes -= c
             .hold
@@ -601,17 +590,21 @@ impl Positions {
             .sum::<usize>();
         c.hold.clear();
         c.behind = None;
+        // Offsets of the old epoch are given out again in the new one.
         c.recent = [(0, 0); RECENT];
-        c.known = Known::At(StreamPosition::new(new.clone(), last.min(at)));
-        // Clients that keep positions (Centrifugo) are told to subscribe again: theirs
-        // are in the old epoch.
+        let new = match &to {
+            Known::At(p) => Some(p.epoch.clone()),
+            _ => None,
+        };
+        c.known = to;
         self.gaps.push(channel.to_string());
         self.resets.push(Reset {
             channel: channel.to_string(),
             old,
-            new: Some(new),
-            fork: Some((at, lost)),
+            new,
+            fork,
         });
+        true
     }
 
     /// A read found history. Returns whether the channel is caught up with the top the

@@ -404,7 +404,9 @@ impl Backplane for ClusterBackplane {
     }
 
     fn publish(&mut self, channel: &str, kind: Kind, payload: Bytes) {
-        match self.route(channel) {
+        // A channel with local members is routed already (kept current by `apply`).
+        let at = self.wanted.get(channel).copied().flatten();
+        match at.or_else(|| self.route(channel)) {
             Some(i) => {
                 if let Some(l) = self.shards[i].as_mut() {
                     l.publish(channel, kind, payload);
@@ -476,7 +478,7 @@ impl Backplane for ClusterBackplane {
             return Err("redis cluster: a wanted channel's slot has no primary");
         }
         for l in self.links() {
-            if !l.wanted().is_empty() {
+            if l.holds_channels() {
                 l.ready(now)?;
             }
         }
