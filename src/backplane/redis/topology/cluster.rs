@@ -587,3 +587,52 @@ impl Backplane for ClusterBackplane {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::redis::health::Timing;
+
+    /// Before any topology is known, publishes wait in a queue bounded like a shard's
+    /// buffer (`--redis-buffer-messages`): the oldest are dropped and counted, and
+    /// `/readyz` says why it is not ready.
+    #[test]
+    fn publishes_before_a_topology_are_bounded_and_counted() {
+        let seed = Target::parse("redis://127.0.0.1:1").expect("url");
+        let base = Settings {
+            target: seed.clone(),
+            prefix: String::new(),
+            buffer_messages: 10,
+            buffer_bytes: 1000,
+            max_payload: 65536,
+            history_size: 10,
+            history_ttl: Duration::from_secs(60),
+            hold_bytes: 1 << 20,
+            history_key: None,
+            shard: Some(ShardOf {
+                tokens: redis_shard(0),
+                instance: "i".into(),
+                seq: Default::default(),
+            }),
+            timing: Timing {
+                ping_interval: Duration::from_secs(3),
+                timeout: Duration::from_secs(5),
+                backoff_max: Duration::from_secs(5),
+            },
+        };
+        let mut c = ClusterBackplane::new(vec![seed], base);
+        for i in 0..25 {
+            c.publish("ch", Kind::Text, Bytes::from(format!("m{i}")));
+        }
+        let now = Instant::now();
+        assert_eq!(c.pending(), 10);
+        assert_eq!(c.stats(now).dropped, 15);
+        assert!(c.is_full(1));
+        assert_eq!(c.ready(now), Err("redis cluster topology not known yet"));
+        assert_eq!(
+            c.early.front().map(|(_, _, p)| p.clone()),
+            Some(Bytes::from("m15")),
+            "the oldest went first"
+        );
+    }
+}
